@@ -1,0 +1,48 @@
+"""chia-prefect: SQLite and PostgreSQL database nodes for Prefect 3 flows on Ray.
+
+    from chia_prefect import SQLiteNode
+
+    db = SQLiteNode(db_path="/abs/path/app.db")
+    db.init_schema("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT)")
+    db.execute("INSERT INTO t (v) VALUES (?)", ("x",))
+"""
+
+from chia_prefect._sql import ExecResult
+from chia_prefect.base import DatabaseNode
+from chia_prefect.errors import (
+    ChiaPrefectError,
+    ConfigurationError,
+    DatabaseNotFoundError,
+    InvalidIdentifierError,
+    InvalidOperationError,
+    NetworkFilesystemError,
+    NodeConnectionError,
+    PlacementError,
+    TransactionControlError,
+)
+from chia_prefect.members import MemberTask, read, write
+from chia_prefect.placement import Placement
+from chia_prefect.postgres import PostgresConnectOptions, PostgresNode
+from chia_prefect.sqlite import SQLiteConnectOptions, SQLiteNode
+
+__all__ = [
+    "ChiaPrefectError",
+    "ConfigurationError",
+    "DatabaseNode",
+    "DatabaseNotFoundError",
+    "ExecResult",
+    "InvalidIdentifierError",
+    "InvalidOperationError",
+    "MemberTask",
+    "NetworkFilesystemError",
+    "NodeConnectionError",
+    "Placement",
+    "PlacementError",
+    "PostgresConnectOptions",
+    "PostgresNode",
+    "SQLiteConnectOptions",
+    "SQLiteNode",
+    "TransactionControlError",
+    "read",
+    "write",
+]

@@ -1,0 +1,238 @@
+"""Engine-agnostic SQL helpers: argument checks, op dispatch, statement scanning, rows.
+
+Everything here runs before a connection is opened or on a DB-API cursor, so both
+engines share one definition of what a member accepts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from chia_prefect.errors import (
+    InvalidIdentifierError,
+    InvalidOperationError,
+    TransactionControlError,
+)
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """Outcome of one write statement, the same shape on every engine.
+
+    Attributes:
+        rowcount: The DB-API `cursor.rowcount` (the total for `executemany`).
+        lastrowid: SQLite only, for a single `INSERT`/`REPLACE`; `None` otherwise.
+            On Postgres use `RETURNING` and read `rows`.
+        rows: Rows the statement returned (e.g. `INSERT ... RETURNING id`), else `None`.
+    """
+
+    rowcount: int
+    lastrowid: int | None = None
+    rows: list[dict[str, Any]] | None = field(default=None)
+
+
+# --- statement scanning -------------------------------------------------------------
+
+_TRANSACTION_CONTROL = frozenset(
+    {"BEGIN", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE", "START"}
+)
+_WORD = re.compile(r"[A-Za-z_]+")
+_DOLLAR_TAG = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
+
+
+def _skip_quoted(sql: str, i: int) -> int:
+    """Index just past the string, identifier, comment or dollar-quote starting at i."""
+    ch = sql[i]
+    if ch in "'\"":
+        j = i + 1
+        while j < len(sql):
+            if sql[j] == ch:
+                if sql.startswith(ch, j + 1):  # doubled quote is an escaped quote
+                    j += 2
+                    continue
+                return j + 1
+            j += 1
+        return len(sql)
+    if sql.startswith("--", i):
+        end = sql.find("\n", i)
+        return len(sql) if end < 0 else end + 1
+    if sql.startswith("/*", i):
+        end = sql.find("*/", i + 2)
+        return len(sql) if end < 0 else end + 2
+    tag = _DOLLAR_TAG.match(sql, i)
+    if tag:
+        end = sql.find(tag.group(0), tag.end())
+        return len(sql) if end < 0 else end + len(tag.group(0))
+    return i
+
+
+def statement_heads(sql: str) -> list[str]:
+    """First keyword (upper-cased) of every statement in `sql`, outside quotes and comments."""
+    heads: list[str] = []
+    at_start, i = True, 0
+    while i < len(sql):
+        skipped = _skip_quoted(sql, i)
+        if skipped != i:
+            i = skipped
+            continue
+        ch = sql[i]
+        if ch == ";":
+            at_start = True
+        elif at_start and not ch.isspace():
+            word = _WORD.match(sql, i)
+            heads.append(word.group(0).upper() if word else ch)
+            at_start = False
+        i += 1
+    return heads
+
+
+def refuse_transaction_control(sql: str, *, all_statements: bool, where: str) -> None:
+    """Raise if `sql` would begin or end a transaction the member owns.
+
+    SQLite's driver runs one statement per call, so only the first head matters there
+    (a trigger body's `BEGIN ... END` is not a statement head). psycopg runs several.
+    """
+    if not isinstance(sql, str):
+        raise InvalidOperationError(f"{where}: SQL must be a str, got {type(sql).__name__}")
+    heads = statement_heads(sql)
+    for head in heads if all_statements else heads[:1]:
+        if head in _TRANSACTION_CONTROL:
+            raise TransactionControlError(
+                f"{where}: {head} is not allowed here; the member runs the statement in a "
+                "transaction of its own. Pass several statements to transaction([...]) "
+                "to make them atomic."
+            )
+
+
+# --- identifiers --------------------------------------------------------------------
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_TYPE_DECL = re.compile(
+    r"[A-Za-z][A-Za-z0-9_]*"  # type name
+    r"(\s*\(\s*\d+\s*(,\s*\d+\s*)?\))?"  # (n) or (p, s)
+    r"(\[\])*"  # array suffixes (Postgres)
+    r"(\s+(-?\d+(\.\d+)?|[A-Za-z_][A-Za-z0-9_]*))*"  # NOT NULL, DEFAULT 0, ...
+)
+
+
+def validate_identifier(name: object, what: str) -> str:
+    """Return `name` if it is a plain SQL identifier, else raise before any SQL is built."""
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
+        raise InvalidIdentifierError(
+            f"{what} {name!r} is not a plain identifier (letters, digits and _, "
+            "starting with a letter or _, at most 63 characters); nothing was executed."
+        )
+    return name
+
+
+def validate_type_decl(type_decl: object) -> str:
+    """Return `type_decl` if it is a benign column type expression, else raise."""
+    if not isinstance(type_decl, str) or not _TYPE_DECL.fullmatch(type_decl.strip()):
+        raise InvalidIdentifierError(
+            f"column type {type_decl!r} is refused: use a type name with optional "
+            "(n[, m]), [] and plain keywords or numbers such as NOT NULL DEFAULT 0; "
+            "nothing was executed."
+        )
+    return type_decl.strip()
+
+
+# --- parameters and ops -------------------------------------------------------------
+
+
+def check_single_params(params: object, where: str) -> tuple | dict | None:
+    """Parameters of one statement: a tuple or dict (or None for no parameters)."""
+    if params is None or isinstance(params, (tuple, dict)):
+        return params
+    hint = " (a list means several rows: use executemany)" if isinstance(params, list) else ""
+    raise InvalidOperationError(
+        f"{where}: parameters of a single statement must be a tuple or a dict, "
+        f"got {type(params).__name__}{hint}."
+    )
+
+
+def check_rows(seq_of_params: object, where: str) -> list | tuple:
+    """Parameter sets of `executemany`: a list or tuple of tuples/dicts."""
+    if not isinstance(seq_of_params, (list, tuple)):
+        raise InvalidOperationError(
+            f"{where}: seq_of_params must be a list of tuples or dicts, "
+            f"got {type(seq_of_params).__name__}."
+        )
+    return seq_of_params
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op of a `transaction`: its SQL and how to run it."""
+
+    index: int
+    sql: str
+    params: Any  # tuple | dict | list | None
+    many: bool
+
+
+def normalize_ops(ops: object, *, all_statements: bool) -> list[Op]:
+    """Check a `transaction` op list completely before anything runs."""
+    if not isinstance(ops, (list, tuple)) or not ops:
+        raise InvalidOperationError(
+            "transaction: ops must be a non-empty list of (sql, params) pairs, "
+            f"got {_describe(ops)}."
+        )
+    normalized = []
+    for i, op in enumerate(ops):
+        where = f"transaction op {i}"
+        if not isinstance(op, (tuple, list)) or len(op) != 2:
+            raise InvalidOperationError(
+                f"{where}: each op must be a (sql, params) pair, got {_describe(op)}."
+            )
+        sql, params = op
+        refuse_transaction_control(sql, all_statements=all_statements, where=where)
+        if isinstance(params, list):
+            normalized.append(Op(i, sql, params, many=True))
+        elif params is None or isinstance(params, (tuple, dict)):
+            normalized.append(Op(i, sql, params, many=False))
+        else:
+            raise InvalidOperationError(
+                f"{where}: params must be a tuple or dict (one statement), a list "
+                f"(executemany) or None, got {type(params).__name__}."
+            )
+    return normalized
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return type(value).__name__
+
+
+def mark_failed_op(exc: BaseException, op: Op, total: int) -> BaseException:
+    """Add the failing op's index to a driver error, keeping its type for `except`."""
+    exc.op_index = op.index  # type: ignore[attr-defined]
+    prefix = f"transaction op {op.index} of {total} failed, all ops rolled back: "
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (prefix + exc.args[0], *exc.args[1:])
+    else:
+        exc.add_note(prefix.rstrip(": "))
+    return exc
+
+
+# --- results ------------------------------------------------------------------------
+
+
+def fetch_dicts(cursor: Any, limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows of the cursor's current result as dicts; at most `limit` are fetched."""
+    if cursor.description is None:
+        return []
+    names = [column[0] for column in cursor.description]
+    if limit == 0:  # fetchmany(0) means "arraysize" to some drivers
+        return []
+    rows = cursor.fetchall() if limit is None else cursor.fetchmany(limit)
+    return [dict(zip(names, row)) for row in rows]
+
+
+def check_limit(limit: object) -> int | None:
+    if limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0):
+        return limit
+    raise InvalidOperationError(f"query: limit must be a non-negative int or None, got {limit!r}.")
+

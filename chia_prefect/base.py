@@ -1,0 +1,184 @@
+"""`DatabaseNode`: the abstract block every engine implements.
+
+It owns what is engine-blind: the member contract (each member declared abstract here,
+with its read/write kind), connection options merged per call, placement on Ray, and
+`close()`. Engines subclass it, set `engine` and `paramstyle`, and implement every member
+plus `connect()`; a missing member makes the subclass impossible to construct.
+
+SQL text stays dialect-specific: SQLite is `qmark` (`?`, `:name`), Postgres `format`
+(`%s`, `%(name)s`). Engine-blind code renders SQL per `db.paramstyle`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar
+
+from prefect.blocks.core import Block
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+
+from chia_prefect._sql import ExecResult
+from chia_prefect.errors import ConfigurationError
+from chia_prefect.members import Member, abstract_member
+from chia_prefect.placement import Placement, PlacementState, ray_options
+
+
+class DatabaseNode(Block, ABC):
+    """Abstract base of the database node blocks; type engine-blind code against it.
+
+    Every member is a Prefect task bound to the block: `db.execute(sql, params)` runs it
+    and returns its value, `db.execute.submit(...)` returns a future, and `.map` and
+    `.with_options` work as on any task.
+    """
+
+    model_config = ConfigDict(ignored_types=(Member,), hide_input_in_errors=True)
+
+    engine: ClassVar[str] = ""
+    paramstyle: ClassVar[str] = ""
+    # Postgres runs several statements per call; SQLite's driver refuses them.
+    multi_statement: ClassVar[bool] = False
+
+    placement: Placement
+    connect_opts: BaseModel
+
+    _placement_state: PlacementState = PrivateAttr(default_factory=PlacementState)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        for name, member in _members(cls).items():
+            declared = _members(DatabaseNode).get(name)
+            if declared is not None and declared.kind != member.kind:
+                raise TypeError(
+                    f"{cls.__name__}.{name} is declared {member.kind}, but DatabaseNode "
+                    f"declares it {declared.kind}; keep the kind, it fixes the retry policy."
+                )
+
+    # --- the member contract ----------------------------------------------------------
+
+    @abstract_member("write")
+    def init_schema(self, script: str, *, connect_opts: dict | None = None) -> None:
+        """Create the database if it can be created, then run a multi-statement DDL script."""
+
+    @abstract_member("write")
+    def executescript(self, script: str, *, connect_opts: dict | None = None) -> None:
+        """Run a multi-statement SQL script, without parameters."""
+
+    @abstract_member("write")
+    def add_column_if_missing(
+        self, table: str, column: str, type_decl: str, *, connect_opts: dict | None = None
+    ) -> bool:
+        """`ALTER TABLE ... ADD COLUMN` if absent; True iff added. Input validated first."""
+
+    @abstract_member("read")
+    def schema(self, *, connect_opts: dict | None = None) -> str:
+        """A readable listing of the tables and indexes."""
+
+    @abstract_member("write")
+    def execute(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> ExecResult:
+        """Run one statement in its own committed transaction."""
+
+    @abstract_member("write", batch=("seq_of_params",))
+    def executemany(self, sql: str, seq_of_params: list, *, connect_opts: dict | None = None) -> ExecResult:
+        """Run one statement per parameter set in one transaction; rowcount is the total."""
+
+    @abstract_member("write", batch=("ops",))
+    def transaction(self, ops: list, *, connect_opts: dict | None = None) -> list[ExecResult]:
+        """Run `(sql, params)` ops all or nothing in one transaction."""
+
+    @abstract_member("read")
+    def query(
+        self, sql: str, params: tuple | dict = (), *, limit: int | None = None, connect_opts: dict | None = None
+    ) -> list[dict]:
+        """Rows as dicts; `limit` caps the fetch; a write raises."""
+
+    @abstract_member("read")
+    def query_one(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> dict | None:
+        """The first row as a dict, or None."""
+
+    @abstract_member("read")
+    def query_value(
+        self, sql: str, params: tuple | dict = (), *, default: Any = None, connect_opts: dict | None = None
+    ) -> Any:
+        """First column of the first row; `default` when there is no row."""
+
+    @abstractmethod
+    def connect(self, *, read_only: bool = False, connect_opts: dict | None = None) -> AbstractContextManager[Any]:
+        """A fresh DB-API connection with the node's options, closed on exit.
+
+        For domain members of a subclass. Reads pass `read_only=True` to get the guard.
+        """
+
+    # --- options, placement, lifetime -------------------------------------------------
+
+    def resolve_connect_opts(self, connect_opts: dict | BaseModel | None = None) -> Any:
+        """The block's `connect_opts` with a call's overrides applied and validated."""
+        if connect_opts is None:
+            return self.connect_opts
+        if isinstance(connect_opts, BaseModel):
+            connect_opts = connect_opts.model_dump(exclude_unset=True)
+        model = type(self.connect_opts)
+        try:
+            return model.model_validate({**self.connect_opts.model_dump(), **connect_opts})
+        except ValidationError as exc:
+            raise ConfigurationError(
+                f"{self.label}: invalid connect_opts: {_first_error(exc)}. "
+                f"Known keys: {', '.join(model.model_fields)}."
+            ) from None
+
+    def use_placement_group(self, placement_group: Any, bundle_index: int = 0) -> None:
+        """Run members in a bundle of a placement group created elsewhere (not released by close)."""
+        self._placement_state.use(placement_group, bundle_index)
+
+    def _ray_options(self) -> dict[str, Any]:
+        return ray_options(self.placement, self._placement_state, self.label)
+
+    @property
+    def reserved_placement_group(self) -> Any:
+        """The placement group members run in, once one was reserved or handed in."""
+        return self._placement_state.placement_group
+
+    @property
+    def label(self) -> str:
+        """How errors name this node: its block name when saved."""
+        name = getattr(self, "_block_document_name", None)
+        return f"{self.get_block_type_name()} '{name}'" if name else self.get_block_type_name()
+
+    def close(self) -> None:
+        """Release the placement group this node reserved (not one handed in). Idempotent."""
+        self._placement_state.release()
+
+    def __enter__(self) -> DatabaseNode:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[Any, Any]:
+        # Workers get configuration only: placement is the driver's business.
+        state = super().__getstate__()
+        private = dict(state.get("__pydantic_private__") or {})
+        private["_placement_state"] = PlacementState()
+        return {**state, "__pydantic_private__": private}
+
+
+def _members(cls: type) -> dict[str, Member]:
+    found: dict[str, Member] = {}
+    for klass in reversed(cls.__mro__):
+        found.update({k: v for k, v in vars(klass).items() if isinstance(v, Member)})
+    return found
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "value"
+    return f"{where}: {err.get('msg')}"
+
+
+def member_names(node_type: type[DatabaseNode]) -> list[str]:
+    """Names of every member of a node type, built-in and added by subclasses."""
+    return sorted(_members(node_type))
+
+
+__all__ = ["DatabaseNode", "ExecResult", "member_names"]

@@ -1,0 +1,55 @@
+"""Errors raised by chia-prefect.
+
+Every error the package raises on its own account derives from `ChiaPrefectError`.
+Driver errors (`sqlite3.Error`, `psycopg.Error`) pass through unchanged, except that a
+failing `transaction` op gets its index added and a failed Postgres connect is re-raised
+as `NodeConnectionError` without the DSN or password.
+
+    ChiaPrefectError
+    ├── ConfigurationError (ValueError)      a block or call is configured wrongly
+    │   ├── PlacementError                   conflicting or unusable placement options
+    │   └── NetworkFilesystemError           SQLite file on NFS/SMB/...: WAL would corrupt it
+    ├── InvalidOperationError (ValueError)   a member was called with input it refuses
+    │   ├── InvalidIdentifierError           table/column/type rejected before any SQL
+    │   └── TransactionControlError          BEGIN/COMMIT/... inside a member's SQL
+    ├── DatabaseNotFoundError                a read on a SQLite file that does not exist
+    └── NodeConnectionError (ConnectionError) the database could not be reached
+"""
+
+from __future__ import annotations
+
+
+class ChiaPrefectError(Exception):
+    """Base class of every error chia-prefect raises itself."""
+
+
+class ConfigurationError(ChiaPrefectError, ValueError):
+    """A block or a call's options are configured wrongly."""
+
+
+class PlacementError(ConfigurationError):
+    """Placement options conflict, or cannot be honoured on this Ray cluster."""
+
+
+class NetworkFilesystemError(ConfigurationError):
+    """A SQLite database path lies on a network filesystem."""
+
+
+class InvalidOperationError(ChiaPrefectError, ValueError):
+    """A member was called with arguments it refuses; nothing was executed."""
+
+
+class InvalidIdentifierError(InvalidOperationError):
+    """An identifier or type declaration is not safe to interpolate into SQL."""
+
+
+class TransactionControlError(InvalidOperationError):
+    """SQL passed to a member tried to begin or end a transaction itself."""
+
+
+class DatabaseNotFoundError(ChiaPrefectError, FileNotFoundError):
+    """A read member was called on a SQLite database that does not exist yet."""
+
+
+class NodeConnectionError(ChiaPrefectError, ConnectionError):
+    """The database could not be reached. The message never contains credentials."""

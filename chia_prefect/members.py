@@ -1,0 +1,214 @@
+"""Members: node operations declared once as read or write, bound as Prefect tasks.
+
+    class AlignmentDBNode(SQLiteNode):
+        @read
+        def load_entry(self, entry_id: str, *, connect_opts=None) -> dict | None:
+            with self.connect(read_only=True, connect_opts=connect_opts) as conn:
+                ...
+
+`db.load_entry` is then a `MemberTask`: a `prefect.Task` named `sqlite.load_entry` with
+the node bound as its first argument. The declaration fixes the policy:
+
+- write: Prefect `retries=0`, Ray `max_retries=0`, `cache_policy=NO_CACHE`. A worker that
+  dies after COMMIT must not be replayed. `with_options(retries=N)` opts back in on both.
+- read: `NO_CACHE`; Ray may replay it (reads are idempotent); opened read-only.
+
+Inside a flow run on `RayTaskRunner`, calling a member (`db.execute(...)`) submits it and
+waits, so it runs where the node's placement says rather than in the flow's process.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, Literal
+
+from prefect import Task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.utilities.annotations import unmapped
+
+if TYPE_CHECKING:
+    from chia_prefect.base import DatabaseNode
+
+Kind = Literal["read", "write"]
+
+
+class Batch:
+    """An opaque box for a large argument (rows, ops).
+
+    Prefect walks every list, tuple and dict in task parameters looking for futures (40-100x
+    the cost of the insert for 100k rows). It does not look inside an arbitrary object, so
+    boxing the argument hands it to the worker in one piece.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        size = len(self.value) if hasattr(self.value, "__len__") else "?"
+        return f"Batch(<{size} items>)"
+
+
+def _unbox(value: Any) -> Any:
+    return value.value if isinstance(value, Batch) else value
+
+
+class Member:
+    """A node operation, declared with `@read` or `@write`."""
+
+    def __init__(self, fn: Callable[..., Any], kind: Kind, batch: tuple[str, ...] = (), abstract: bool = False):
+        if kind not in ("read", "write"):
+            raise ValueError(f"member kind must be 'read' or 'write', got {kind!r}")
+        self.fn, self.kind, self.batch = fn, kind, batch
+        self.name = fn.__name__
+        self.signature = inspect.signature(fn)
+        self.__doc__ = fn.__doc__
+        self.__isabstractmethod__ = abstract
+        self.runner = _make_runner(fn)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, node: DatabaseNode | None, owner: type | None = None) -> Any:
+        if node is None:
+            return self
+        return MemberTask.bind(node, self)
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} member {self.name}>"
+
+
+def _make_runner(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return fn(*map(_unbox, args), **{k: _unbox(v) for k, v in kwargs.items()})
+
+    return run
+
+
+def _declare(kind: Kind, fn: Callable[..., Any] | None, batch: tuple[str, ...], abstract: bool) -> Any:
+    if fn is None:
+        return lambda f: Member(f, kind, batch, abstract)
+    return Member(fn, kind, batch, abstract)
+
+
+def read(fn: Callable[..., Any] | None = None, *, batch: tuple[str, ...] = ()) -> Any:
+    """Declare a read member: read-only connection, may be retried, never cached."""
+    return _declare("read", fn, batch, abstract=False)
+
+
+def write(fn: Callable[..., Any] | None = None, *, batch: tuple[str, ...] = ()) -> Any:
+    """Declare a write member: never retried or replayed by Prefect or Ray, never cached.
+
+    `batch` names parameters that may be large (rows, ops); they travel to the worker
+    boxed, unseen by Prefect's parameter walk. A future passed there is not resolved.
+    """
+    return _declare("write", fn, batch, abstract=False)
+
+
+def abstract_member(kind: Kind, batch: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Member]:
+    """Declare a member every engine must implement (used by `DatabaseNode`)."""
+    return lambda fn: Member(fn, kind, batch, abstract=True)
+
+
+def on_ray_runner() -> bool:
+    """True in a flow run (not inside a task) whose task runner is `RayTaskRunner`."""
+    from prefect_ray.task_runners import RayTaskRunner
+
+    flow_ctx = FlowRunContext.get()
+    if flow_ctx is None or TaskRunContext.get() is not None:
+        return False
+    return isinstance(flow_ctx.task_runner, RayTaskRunner)
+
+
+class MemberTask(Task):
+    """A member bound to one node: a Prefect task whose first argument is the node."""
+
+    _node: DatabaseNode
+    _member: Member
+
+    @classmethod
+    def bind(cls, node: DatabaseNode, member: Member) -> MemberTask:
+        task = cls(
+            fn=member.runner,
+            name=f"{node.engine}.{member.name}",
+            description=inspect.cleandoc(member.fn.__doc__ or "").split("\n\n")[0] or None,
+            retries=0,
+            cache_policy=NO_CACHE,
+        )
+        task._attach(node, member)
+        return task
+
+    def _attach(self, node: DatabaseNode, member: Member) -> None:
+        self._node, self._member = node, member
+        # Task keys default to the wrapper's name and code, the same for every member.
+        self.task_key = f"{node.engine}.{member.name}"
+
+    @property
+    def node(self) -> DatabaseNode:
+        return self._node
+
+    @property
+    def kind(self) -> Kind:
+        return self._member.kind
+
+    def with_options(self, **options: Any) -> MemberTask:  # type: ignore[override]
+        """As `Task.with_options`; on a write, `retries=N` also allows N Ray replays."""
+        task = super().with_options(**options)
+        # Task.with_options builds a plain Task; keep the binding and the routing.
+        task.__class__ = type(self)
+        task._attach(self._node, self._member)
+        return task  # type: ignore[return-value]
+
+    def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
+        if on_ray_runner():
+            # A called task would run in the flow's process; submit so placement applies.
+            future = self.submit(*args, wait_for=wait_for, **kwargs)
+            if return_state:
+                future.wait()
+                return future.state
+            return future.result()
+        args, kwargs = self._bind_args(args, kwargs)
+        return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        control = {k: kwargs.pop(k) for k in ("return_state", "wait_for") if k in kwargs}
+        args, kwargs = self._bind_args(args, kwargs)
+        with self._remote_options():
+            return super().submit(*args, **control, **kwargs)
+
+    def map(self, *args: Any, **kwargs: Any) -> Any:
+        with self._remote_options():
+            return super().map(unmapped(self._node), *args, **kwargs)
+
+    def _bind_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Prepend the node and box the member's batch arguments."""
+        try:
+            bound = self._member.signature.bind(self._node, *args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}{self._member.signature}: {exc}") from None
+        for name in self._member.batch:
+            value = bound.arguments.get(name)
+            if value is not None and isinstance(value, (list, tuple)):
+                bound.arguments[name] = Batch(value)
+        return bound.args, bound.kwargs
+
+    @contextmanager
+    def _remote_options(self) -> Iterator[None]:
+        if not on_ray_runner():
+            with nullcontext():
+                yield
+            return
+        from prefect_ray.context import remote_options
+
+        options = self._node._ray_options()
+        if self._member.kind == "write":
+            # Ray replays a task whose worker died; a committed write would apply twice.
+            options["max_retries"] = self.retries or 0
+        with remote_options(**options):
+            yield

