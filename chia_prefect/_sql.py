@@ -106,6 +106,28 @@ def refuse_transaction_control(sql: str, *, all_statements: bool, where: str) ->
             )
 
 
+def render_qmark(sql: str, paramstyle: str) -> str:
+    """Rewrite `?` placeholders (outside quotes and comments) for `paramstyle`.
+
+    Only placeholders change. As psycopg requires, a statement run with parameters on
+    Postgres must write a literal `%` as `%%`.
+    """
+    if paramstyle == "qmark":
+        return sql
+    if paramstyle != "format":
+        raise ValueError(f"cannot render SQL for paramstyle {paramstyle!r}")
+    out, i = [], 0
+    while i < len(sql):
+        skipped = _skip_quoted(sql, i)
+        if skipped != i:
+            out.append(sql[i:skipped])
+            i = skipped
+            continue
+        out.append("%s" if sql[i] == "?" else sql[i])
+        i += 1
+    return "".join(out)
+
+
 # --- identifiers --------------------------------------------------------------------
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
-from chia_prefect._sql import ExecResult
+from chia_prefect._sql import ExecResult, render_qmark
 from chia_prefect.errors import ConfigurationError
 from chia_prefect.members import Member, abstract_member
 from chia_prefect.placement import Placement, PlacementState, ray_options
@@ -46,14 +46,13 @@ class DatabaseNode(Block, ABC):
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        # Both run before Block registers the class under its slug.
+        _check_member_kinds(cls)
+        if "_block_type_name" not in cls.__dict__ and "_block_type_slug" not in cls.__dict__:
+            # An inherited slug would make Block.load("sqlite-node/...") return the subclass.
+            cls._block_type_name = cls.__name__
+            cls._block_type_slug = None
         super().__pydantic_init_subclass__(**kwargs)
-        for name, member in _members(cls).items():
-            declared = _members(DatabaseNode).get(name)
-            if declared is not None and declared.kind != member.kind:
-                raise TypeError(
-                    f"{cls.__name__}.{name} is declared {member.kind}, but DatabaseNode "
-                    f"declares it {declared.kind}; keep the kind, it fixes the retry policy."
-                )
 
     # --- the member contract ----------------------------------------------------------
 
@@ -110,6 +109,13 @@ class DatabaseNode(Block, ABC):
         For domain members of a subclass. Reads pass `read_only=True` to get the guard.
         """
 
+    def render(self, sql: str) -> str:
+        """`sql` written with `?` placeholders, rendered for this node's `paramstyle`.
+
+        Lets engine-blind code hold one SQL text: `db.execute(db.render("... = ?"), (x,))`.
+        """
+        return render_qmark(sql, self.paramstyle)
+
     # --- options, placement, lifetime -------------------------------------------------
 
     def resolve_connect_opts(self, connect_opts: dict | BaseModel | None = None) -> Any:
@@ -161,6 +167,16 @@ class DatabaseNode(Block, ABC):
         private = dict(state.get("__pydantic_private__") or {})
         private["_placement_state"] = PlacementState()
         return {**state, "__pydantic_private__": private}
+
+
+def _check_member_kinds(cls: type) -> None:
+    declared = _members(DatabaseNode)
+    for name, member in _members(cls).items():
+        if name in declared and declared[name].kind != member.kind:
+            raise TypeError(
+                f"{cls.__name__}.{name} is declared {member.kind}, but DatabaseNode "
+                f"declares it {declared[name].kind}; keep the kind, it fixes the retry policy."
+            )
 
 
 def _members(cls: type) -> dict[str, Member]:

@@ -1,0 +1,50 @@
+"""Run flows on a laptop: one temporary Prefect API shared by the flow and every Ray worker.
+
+Without `PREFECT_API_URL`, Prefect starts a temporary server in the flow's process, and
+every Ray worker that runs a task starts another one of its own (about 5 s each). Start
+one before Ray does and export its URL; Ray workers inherit the environment.
+
+    from chia_prefect.local import shared_prefect_api
+
+    with shared_prefect_api():
+        my_flow()
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def shared_prefect_api() -> Iterator[str]:
+    """Yield an API URL every process of this machine's flows will use.
+
+    Uses `PREFECT_API_URL` when it is set; otherwise starts a temporary server for the
+    duration of the block. Enter it before Ray starts, so the workers see the URL.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        os.environ.setdefault("PREFECT_API_URL", configured)
+        yield configured
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    server = SubprocessASGIServer()
+    server.start(timeout=120)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        from prefect.logging.handlers import APILogWorker
+
+        # Send the last logs while the server still answers; at exit the log worker
+        # would otherwise retry against a stopped server for a minute.
+        APILogWorker.drain_all(timeout=10)
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()

@@ -1,0 +1,59 @@
+"""Domain subclasses used by the tests; importable by Ray workers (tests/ is on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+
+from chia_prefect import PostgresNode, SQLiteNode, read, write
+
+
+def _where() -> dict:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"node": node, "pid": os.getpid()}
+
+
+class AlignmentDBNode(SQLiteNode):
+    """The seed's AlignmentDB: a composite read declared once as a member."""
+
+
+    @read
+    def load_entry(self, entry_id: str, *, connect_opts: dict | None = None) -> dict | None:
+        with self.connect(read_only=True, connect_opts=connect_opts) as conn:
+            row = conn.execute(
+                "SELECT entry_id, iteration, score FROM iterations WHERE entry_id = ?", (entry_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            bench = conn.execute(
+                "SELECT bench, value FROM benchmark_results WHERE entry_id = ? ORDER BY bench", (entry_id,)
+            ).fetchall()
+        return {"entry_id": row[0], "iteration": row[1], "score": row[2], "benchmarks": dict(bench)}
+
+    @write
+    def bump(self, entry_id: str, *, connect_opts: dict | None = None) -> int:
+        """A domain write: same placement and no-replay policy as execute."""
+        with self.connect(connect_opts=connect_opts) as conn:
+            conn.execute("UPDATE iterations SET score = score + 1 WHERE entry_id = ?", (entry_id,))
+            return conn.total_changes
+
+
+class ProbeSQLiteNode(SQLiteNode):
+    """Reports where its members run."""
+
+
+    @read
+    def where(self, *, connect_opts: dict | None = None) -> dict:
+        return _where()
+
+    @write
+    def where_write(self, *, connect_opts: dict | None = None) -> dict:
+        return _where()
+
+
+class ProbePostgresNode(PostgresNode):
+
+    @read
+    def where(self, *, connect_opts: dict | None = None) -> dict:
+        return _where()

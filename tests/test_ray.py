@@ -1,0 +1,180 @@
+"""Members inside flows on RayTaskRunner: the seed's example, subclasses, no replay, no cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from nodes import AlignmentDBNode, ProbeSQLiteNode
+from prefect import flow
+from prefect.blocks.core import Block
+from prefect.settings import PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
+from prefect_ray import RayTaskRunner
+
+from chia_prefect import DatabaseNode
+from chia_prefect.members import Batch
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
+
+ITERATIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS iterations (
+    entry_id TEXT PRIMARY KEY, iteration INTEGER NOT NULL, score REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS benchmark_results (
+    entry_id TEXT NOT NULL, bench TEXT NOT NULL, value REAL NOT NULL
+);
+"""
+
+UPSERT = {
+    "qmark": "INSERT OR REPLACE INTO iterations (entry_id, iteration, score) VALUES (?, ?, ?)",
+    "format": "INSERT INTO iterations (entry_id, iteration, score) VALUES (%s, %s, %s) "
+    "ON CONFLICT (entry_id) DO UPDATE SET iteration = EXCLUDED.iteration, score = EXCLUDED.score",
+}
+
+
+def render(db: DatabaseNode, sql: str) -> str:
+    return sql.replace("?", "%s") if db.paramstyle == "format" else sql
+
+
+@flow(task_runner=RayTaskRunner())
+def alignment_flow(block_ref: str) -> dict:
+    """The seed's AlignmentDB example, engine-blind, on Ray."""
+    db: DatabaseNode = Block.load(block_ref)
+    out: dict = {}
+    out["empty_max"] = db.query_value("SELECT MAX(iteration) FROM iterations", default=-1)
+    out["added"] = [db.add_column_if_missing("iterations", "base_rev", "TEXT") for _ in range(2)]
+    rows = [("e1", f"bench{i}", float(i)) for i in range(50)]
+    ins = render(db, "INSERT INTO benchmark_results (entry_id, bench, value) VALUES (?, ?, ?)")
+    db.executemany(ins, [("e1", "stale", 0.0)])
+    out["tx"] = [r.rowcount for r in db.transaction([
+        (UPSERT[db.paramstyle], ("e1", 3, 0.9)),
+        (render(db, "DELETE FROM benchmark_results WHERE entry_id = ?"), ("e1",)),
+        (ins, rows),
+    ])]
+    out["max"] = db.query_value("SELECT MAX(iteration) FROM iterations", default=-1)
+    out["count"] = db.query_value("SELECT COUNT(*) FROM benchmark_results")
+    out["stale"] = db.query_value(render(db, "SELECT COUNT(*) FROM benchmark_results WHERE bench = ?"), ("stale",))
+    if db.paramstyle == "format":
+        out["returning"] = db.execute(
+            "INSERT INTO iterations (entry_id, iteration, score) VALUES (%s, %s, %s) RETURNING entry_id",
+            ("e2", 1, 0.1),
+        ).rows
+    return out
+
+
+def _check_alignment(out: dict) -> None:
+    assert out["empty_max"] is None  # aggregate over nothing: NULL row, not the default
+    assert out["added"] == [True, False]
+    assert out["tx"] == [1, 1, 50]
+    assert (out["max"], out["count"], out["stale"]) == (3, 50, 0)
+
+
+def test_alignment_example_sqlite(sqlite_db):
+    sqlite_db.init_schema(ITERATIONS_SCHEMA)
+    sqlite_db.save("align-sqlite", overwrite=True)
+    _check_alignment(alignment_flow("sqlite-node/align-sqlite"))
+
+
+@pytest.mark.postgres
+def test_alignment_example_postgres(postgres_db):
+    postgres_db.init_schema(ITERATIONS_SCHEMA)
+    postgres_db.save("align-postgres", overwrite=True)
+    out = alignment_flow("postgres-node/align-postgres")
+    _check_alignment(out)
+    assert out["returning"] == [{"entry_id": "e2"}]
+
+
+@flow(task_runner=RayTaskRunner())
+def domain_flow(db: AlignmentDBNode) -> dict:
+    db.init_schema(ITERATIONS_SCHEMA)
+    db.transaction([
+        ("INSERT OR REPLACE INTO iterations VALUES (?, ?, ?)", ("e1", 1, 0.5)),
+        ("INSERT INTO benchmark_results VALUES (?, ?, ?)", [("e1", "a", 1.0), ("e1", "b", 2.0)]),
+    ])
+    bumped = db.bump.submit("e1").result()
+    return {"entry": db.load_entry("e1"), "missing": db.load_entry("nope"), "bumped": bumped}
+
+
+def test_domain_subclass_member_on_ray(sqlite_path):
+    with AlignmentDBNode(db_path=sqlite_path) as db:
+        assert db.load_entry.name == "sqlite.load_entry" and db.load_entry.kind == "read"
+        assert db.bump.kind == "write" and db.bump.retries == 0
+        out = domain_flow(db)
+    assert out["entry"] == {"entry_id": "e1", "iteration": 1, "score": 1.5, "benchmarks": {"a": 1.0, "b": 2.0}}
+    assert out["missing"] is None and out["bumped"] == 1
+
+
+@flow(task_runner=RayTaskRunner())
+def insert_twice(db: DatabaseNode) -> int:
+    sql = render(db, "INSERT INTO items (name) VALUES (?)")
+    db.execute(sql, ("same",))
+    db.execute(sql, ("same",))
+    futures = [db.execute.submit(sql, ("same",)) for _ in range(2)]
+    [f.result() for f in futures]
+    return db.query_value("SELECT COUNT(*) FROM items")
+
+
+@pytest.mark.parametrize("persist", [False, True])
+def test_identical_inserts_all_land(any_db, persist):
+    any_db.init_schema("CREATE TABLE items (name TEXT)")
+    with temporary_settings({PREFECT_RESULTS_PERSIST_BY_DEFAULT: persist}):
+        assert insert_twice(any_db) == 4
+        assert insert_twice(any_db) == 8  # a second flow run: nothing cached either
+
+
+@flow(task_runner=RayTaskRunner())
+def bulk_flow(db: DatabaseNode, n: int) -> list[int]:
+    rows = [(i, f"name-{i}") for i in range(n)]
+    ins = "INSERT INTO bulk (id, name) VALUES (?, ?)"
+    a = db.executemany(ins, rows).rowcount
+    b = db.transaction([(ins, [(n + i, "t") for i in range(n)]), ("DELETE FROM bulk WHERE id < ?", (10,))])
+    return [a, b[0].rowcount, b[1].rowcount, db.query_value("SELECT COUNT(*) FROM bulk")]
+
+
+def test_large_batch_reaches_worker_boxed(sqlite_db):
+    args, kwargs = sqlite_db.executemany._bind_args(("SQL", [(1,)] * 5), {})
+    assert isinstance(args[2], Batch) and args[2].value == [(1,)] * 5
+    sqlite_db.init_schema("CREATE TABLE bulk (id INTEGER PRIMARY KEY, name TEXT)")
+    assert bulk_flow(sqlite_db, 100_000) == [100_000, 100_000, 10, 199_990]
+
+
+@flow
+def thread_runner_flow(db: ProbeSQLiteNode) -> dict:
+    db.init_schema("CREATE TABLE t (x INTEGER)")
+    db.execute("INSERT INTO t VALUES (1)")
+    return {"plain": db.where(), "submitted": db.where.submit().result(), "n": db.query_value("SELECT COUNT(*) FROM t")}
+
+
+def test_default_runner_runs_in_process(sqlite_path):
+    with ProbeSQLiteNode(db_path=sqlite_path) as db:
+        out = thread_runner_flow(db)
+        assert db.reserved_placement_group is None  # placement applies on Ray only
+    assert out["plain"]["pid"] == os.getpid() == out["submitted"]["pid"] and out["n"] == 1
+
+
+def test_outside_a_flow(sqlite_path):
+    with ProbeSQLiteNode(db_path=sqlite_path) as db:
+        db.init_schema("CREATE TABLE t (x INTEGER)")
+        assert db.where()["pid"] == os.getpid()
+
+
+@flow(task_runner=RayTaskRunner())
+def mapped_flow(db: DatabaseNode) -> int:
+    db.init_schema("CREATE TABLE m (x INTEGER)")
+    futures = db.execute.map("INSERT INTO m VALUES (?)", [(i,) for i in range(4)])
+    futures.wait()
+    return db.query_value("SELECT SUM(x) FROM m")
+
+
+def test_map_binds_node_unmapped(sqlite_db):
+    assert mapped_flow(sqlite_db) == 6
+
+
+def test_write_policy_and_with_options(sqlite_db):
+    from prefect.cache_policies import NO_CACHE
+
+    for member in (sqlite_db.execute, sqlite_db.transaction, sqlite_db.query):
+        assert member.retries == 0 and member.cache_policy is NO_CACHE
+    opted = sqlite_db.execute.with_options(retries=3)
+    assert type(opted) is type(sqlite_db.execute) and opted.retries == 3
+    assert opted.node is sqlite_db and opted.name == "sqlite.execute"

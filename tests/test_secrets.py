@@ -1,0 +1,113 @@
+"""The password never shows: repr, str, errors, logs (local and through the API), documents."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.utilities.asyncutils import run_coro_as_sync
+from pydantic import ValidationError
+
+from chia_prefect import ConfigurationError, NodeConnectionError, PostgresNode
+
+PASSWORD = "Zs3cr3t-Pw-4242"
+
+pytestmark = pytest.mark.postgres
+
+
+def assert_clean(text: str) -> None:
+    assert PASSWORD not in text
+
+
+def closed_port_node() -> PostgresNode:
+    return PostgresNode(host="127.0.0.1", port=1, dbname="db", user="u", password=PASSWORD,
+                        connect_opts={"connect_timeout_s": 2})
+
+
+def test_repr_and_str_hide_password():
+    for node in (closed_port_node(), PostgresNode(dsn=f"postgresql://u:{PASSWORD}@h/db")):
+        assert_clean(repr(node))
+        assert_clean(str(node))
+        assert_clean(repr(node.model_dump()))
+        assert_clean(node.model_dump_json())
+
+
+def test_validation_errors_hide_dsn():
+    with pytest.raises(ValidationError) as info:
+        PostgresNode(dsn=f"postgresql://u:{PASSWORD}@h/db", host="h")
+    assert_clean(str(info.value))
+
+
+def test_libpq_echo_of_the_dsn_is_scrubbed():
+    # libpq quotes this whole URI, password included, in its error message.
+    node = PostgresNode(dsn=f"postgresql://u:{PASSWORD}@[bad/db")
+    with pytest.raises(ConfigurationError) as info:
+        node.query("SELECT 1")
+    assert "not valid" in str(info.value)
+    assert_clean(str(info.value))
+    assert info.value.__suppress_context__  # the driver error, which quotes the DSN, is dropped
+
+
+def test_connection_error_names_target_not_password(caplog):
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(NodeConnectionError) as info:
+        closed_port_node().query("SELECT 1")
+    text = str(info.value)
+    assert "127.0.0.1:1" in text and "Postgres Node" in text
+    assert_clean(text)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert_clean(caplog.text)
+
+
+@flow
+def failing_flow(block_name: str) -> None:
+    PostgresNode.load(block_name).query("SELECT 1")
+
+
+@flow
+def succeeding_flow(block_name: str) -> int:
+    return PostgresNode.load(block_name).query_value("SELECT 1")
+
+
+def test_flow_runs_leave_no_password(caplog, postgres_dsn):
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    caplog.set_level(logging.DEBUG)
+    closed_port_node().save("secret-bad", overwrite=True)
+    # A role with a password on the real server (the embedded one trusts local sockets).
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS pw_user; CREATE ROLE pw_user LOGIN PASSWORD '{PASSWORD}'")
+    parts = {**conninfo_to_dict(postgres_dsn), "user": "pw_user", "password": PASSWORD}
+    PostgresNode(dsn=make_conninfo(**parts)).save("secret-good", overwrite=True)
+
+    bad = failing_flow("secret-bad", return_state=True)
+    assert bad.is_failed()
+    good = succeeding_flow("secret-good", return_state=True)
+    assert good.is_completed() and good.result() == 1
+
+    async def everything_recorded() -> str:
+        async with get_client() as client:
+            texts = []
+            for state in (bad, good):
+                run = await client.read_flow_run(state.state_details.flow_run_id)
+                texts += [run.model_dump_json(), state.message or ""]
+                logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+                texts += [log.message for log in logs]
+                tasks = await client.read_task_runs()
+                texts += [t.model_dump_json() for t in tasks]
+            for name in ("secret-bad", "secret-good"):
+                doc = await client.read_block_document_by_name(name, "postgres-node", include_secrets=False)
+                texts.append(doc.model_dump_json())
+            return "\n".join(texts)
+
+    recorded = run_coro_as_sync(everything_recorded())
+    assert "127.0.0.1:1" in recorded  # the failure is there, named by its target
+    assert_clean(recorded)
+    assert_clean(caplog.text)
+    with pytest.raises(Exception) as info:
+        bad.result()
+    assert_clean(str(info.value))
