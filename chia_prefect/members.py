@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 from prefect import Task
@@ -201,8 +201,7 @@ class MemberTask(Task):
     @contextmanager
     def _remote_options(self) -> Iterator[None]:
         if not on_ray_runner():
-            with nullcontext():
-                yield
+            yield
             return
         from prefect_ray.context import remote_options
 

@@ -140,7 +140,8 @@ class PostgresNode(DatabaseNode):
         text = re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
         return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
-    def _conninfo(self, read_only: bool, opts: PostgresConnectOptions) -> tuple[str, dict[str, Any]]:
+    def _conninfo(self, read_only: bool, opts: PostgresConnectOptions) -> dict[str, Any]:
+        """libpq parameters: the block's target plus the session settings for this call."""
         from psycopg.conninfo import conninfo_to_dict
 
         if self.dsn is not None:
@@ -163,15 +164,15 @@ class PostgresNode(DatabaseNode):
         params["connect_timeout"] = opts.connect_timeout_s
         if opts.application_name:
             params["application_name"] = opts.application_name
-        return "", params
+        return params
 
     @contextmanager
     def connect(self, *, read_only: bool = False, connect_opts: dict | None = None) -> Iterator[Any]:
         import psycopg
 
-        conninfo, params = self._conninfo(read_only, self.resolve_connect_opts(connect_opts))
+        params = self._conninfo(read_only, self.resolve_connect_opts(connect_opts))
         try:
-            conn = psycopg.connect(conninfo, autocommit=True, **params)
+            conn = psycopg.connect(autocommit=True, **params)
         except psycopg.Error as exc:
             # libpq messages can echo the conninfo; never let the password through.
             raise NodeConnectionError(
@@ -205,8 +206,9 @@ class PostgresNode(DatabaseNode):
         if not isinstance(script, str):
             raise TypeError(f"script must be a str, got {type(script).__name__}")
         with self.connect(connect_opts=connect_opts) as conn:
-            # One simple-protocol message: the server runs it as one implicit transaction.
-            conn.execute(script.encode())
+            # No parameters: one simple-protocol message, which the server runs as one
+            # implicit transaction unless the script says BEGIN/COMMIT itself.
+            conn.execute(script)
 
     # --- members ------------------------------------------------------------------------
 
