@@ -239,6 +239,34 @@ def mark_failed_op(exc: BaseException, op: Op, total: int) -> BaseException:
     return exc
 
 
+# --- running on a cursor ------------------------------------------------------------
+
+
+def run_many(cursor: Any, sql: str, seq_of_params: Any) -> ExecResult:
+    cursor.executemany(sql, seq_of_params)
+    return ExecResult(rowcount=cursor.rowcount)
+
+
+def run_ops(cursor: Any, ops: list[Op], run_one: Any) -> list[ExecResult]:
+    """Run checked ops in order on a cursor inside the caller's transaction."""
+    results = []
+    for op in ops:
+        try:
+            results.append(run_many(cursor, op.sql, op.params) if op.many else run_one(cursor, op.sql, op.params))
+        except Exception as exc:
+            raise mark_failed_op(exc, op, len(ops))
+    return results
+
+
+def first_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return rows[0] if rows else None
+
+
+def first_value(rows: list[dict[str, Any]], default: Any) -> Any:
+    """First column of the first row; `default` only when there is no row at all."""
+    return next(iter(rows[0].values())) if rows else default
+
+
 # --- results ------------------------------------------------------------------------
 
 

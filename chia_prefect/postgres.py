@@ -26,14 +26,21 @@ from chia_prefect._sql import (
     check_rows,
     check_single_params,
     fetch_dicts,
-    mark_failed_op,
+    first_row,
+    first_value,
     normalize_ops,
     refuse_transaction_control,
+    run_many,
+    run_ops,
     validate_identifier,
     validate_type_decl,
 )
 from chia_prefect.base import DatabaseNode
-from chia_prefect.errors import ConfigurationError, InvalidIdentifierError, NodeConnectionError
+from chia_prefect.errors import (
+    ConfigurationError,
+    InvalidIdentifierError,
+    NodeConnectionError,
+)
 from chia_prefect.members import read, write
 from chia_prefect.placement import Placement
 
@@ -274,25 +281,14 @@ class PostgresNode(DatabaseNode):
         check_rows(seq_of_params, "executemany")
         refuse_transaction_control(sql, all_statements=True, where="executemany")
         with self._atomic(connect_opts) as cur:
-            cur.executemany(sql, seq_of_params)
-            return ExecResult(rowcount=cur.rowcount)
+            return run_many(cur, sql, seq_of_params)
 
     @write(batch=("ops",))
     def transaction(self, ops: list, *, connect_opts: dict | None = None) -> list[ExecResult]:
         """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
-        checked = normalize_ops(ops, all_statements=True)
-        results = []
+        checked = normalize_ops(ops, all_statements=self.multi_statement)
         with self._atomic(connect_opts) as cur:
-            for op in checked:
-                try:
-                    if op.many:
-                        cur.executemany(op.sql, op.params)
-                        results.append(ExecResult(rowcount=cur.rowcount))
-                    else:
-                        results.append(_run_one(cur, op.sql, op.params))
-                except Exception as exc:
-                    raise mark_failed_op(exc, op, len(checked))
-        return results
+            return run_ops(cur, checked, _run_one)
 
     @read
     def query(
@@ -304,16 +300,14 @@ class PostgresNode(DatabaseNode):
     @read
     def query_one(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> dict | None:
         """The first row as a dict, or None."""
-        rows = self._fetch(sql, params, 1, connect_opts)
-        return rows[0] if rows else None
+        return first_row(self._fetch(sql, params, 1, connect_opts))
 
     @read
     def query_value(
         self, sql: str, params: tuple | dict = (), *, default: Any = None, connect_opts: dict | None = None
     ) -> Any:
         """First column of the first row, `default` when no row (a NULL row gives None)."""
-        rows = self._fetch(sql, params, 1, connect_opts)
-        return next(iter(rows[0].values())) if rows else default
+        return first_value(self._fetch(sql, params, 1, connect_opts), default)
 
 
 def _run_one(cur: Any, sql: str, params: tuple | dict | None) -> ExecResult:

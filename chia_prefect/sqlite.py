@@ -22,18 +22,25 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chia_prefect._sql import (
     ExecResult,
+    check_limit,
     check_rows,
     check_single_params,
     fetch_dicts,
-    check_limit,
-    mark_failed_op,
+    first_row,
+    first_value,
     normalize_ops,
     refuse_transaction_control,
+    run_many,
+    run_ops,
     validate_identifier,
     validate_type_decl,
 )
 from chia_prefect.base import DatabaseNode
-from chia_prefect.errors import DatabaseNotFoundError, NetworkFilesystemError, TransactionControlError
+from chia_prefect.errors import (
+    DatabaseNotFoundError,
+    NetworkFilesystemError,
+    TransactionControlError,
+)
 from chia_prefect.members import read, write
 from chia_prefect.placement import Placement
 
@@ -252,25 +259,14 @@ class SQLiteNode(DatabaseNode):
         check_rows(seq_of_params, "executemany")
         refuse_transaction_control(sql, all_statements=False, where="executemany")
         with self._atomic(connect_opts) as cur:
-            cur.executemany(sql, seq_of_params)
-            return ExecResult(rowcount=cur.rowcount)
+            return run_many(cur, sql, seq_of_params)
 
     @write(batch=("ops",))
     def transaction(self, ops: list, *, connect_opts: dict | None = None) -> list[ExecResult]:
         """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
-        checked = normalize_ops(ops, all_statements=False)
-        results = []
+        checked = normalize_ops(ops, all_statements=self.multi_statement)
         with self._atomic(connect_opts) as cur:
-            for op in checked:
-                try:
-                    if op.many:
-                        cur.executemany(op.sql, op.params)
-                        results.append(ExecResult(rowcount=cur.rowcount))
-                    else:
-                        results.append(_run_one(cur, op.sql, op.params))
-                except Exception as exc:
-                    raise mark_failed_op(exc, op, len(checked))
-        return results
+            return run_ops(cur, checked, _run_one)
 
     @read
     def query(
@@ -282,16 +278,14 @@ class SQLiteNode(DatabaseNode):
     @read
     def query_one(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> dict | None:
         """The first row as a dict, or None."""
-        rows = self._fetch(sql, params, 1, connect_opts)
-        return rows[0] if rows else None
+        return first_row(self._fetch(sql, params, 1, connect_opts))
 
     @read
     def query_value(
         self, sql: str, params: tuple | dict = (), *, default: Any = None, connect_opts: dict | None = None
     ) -> Any:
         """First column of the first row, `default` when no row (a NULL row gives None)."""
-        rows = self._fetch(sql, params, 1, connect_opts)
-        return next(iter(rows[0].values())) if rows else default
+        return first_value(self._fetch(sql, params, 1, connect_opts), default)
 
     @write
     def wal_checkpoint(

@@ -10,7 +10,11 @@ from nodes import ProbeSQLiteNode
 from prefect import flow
 from prefect_ray import RayTaskRunner
 from pydantic import ValidationError
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import (
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 
 from chia_prefect import Placement, PlacementError
 
