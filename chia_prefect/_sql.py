@@ -88,6 +88,43 @@ def statement_heads(sql: str) -> list[str]:
     return heads
 
 
+_TRIGGER = re.compile(r"\s*CREATE\s+(TEMP\s+|TEMPORARY\s+)?TRIGGER\b", re.IGNORECASE)
+_BODY_END = re.compile(r"\bEND\s*$", re.IGNORECASE)
+
+
+def split_statements(script: str) -> list[str]:
+    """Split a script at top-level `;`, keeping a trigger's `BEGIN ... END` body whole."""
+    statements: list[str] = []
+    start = i = 0
+    while i < len(script):
+        skipped = _skip_quoted(script, i)
+        if skipped != i:
+            i = skipped
+            continue
+        if script[i] == ";":
+            text = _strip_comments(script[start:i])
+            if not (_TRIGGER.match(text) and not _BODY_END.search(text)):
+                statements.append(text)
+                start = i + 1
+        i += 1
+    statements.append(script[start:])
+    return [s.strip() for s in statements if _strip_comments(s).strip()]
+
+
+def _strip_comments(sql: str) -> str:
+    out, i = [], 0
+    while i < len(sql):
+        skipped = _skip_quoted(sql, i)
+        if skipped != i:
+            if not sql.startswith(("--", "/*"), i):
+                out.append(sql[i:skipped])
+            i = skipped
+            continue
+        out.append(sql[i])
+        i += 1
+    return "".join(out)
+
+
 def refuse_transaction_control(sql: str, *, all_statements: bool, where: str) -> None:
     """Raise if `sql` would begin or end a transaction the member owns.
 

@@ -13,7 +13,10 @@ as `NodeConnectionError` without the DSN or password.
     │   ├── InvalidIdentifierError           table/column/type rejected before any SQL
     │   └── TransactionControlError          BEGIN/COMMIT/... inside a member's SQL
     ├── DatabaseNotFoundError                a read on a SQLite file that does not exist
-    └── NodeConnectionError (ConnectionError) the database could not be reached
+    ├── NodeConnectionError (ConnectionError) the database could not be reached
+    └── MigrationError                       migrations cannot be loaded or applied as asked
+        ├── SchemaAheadError                 the database has versions the code lacks
+        └── ChecksumMismatchError            an applied migration's file was edited
 """
 
 from __future__ import annotations
@@ -53,3 +56,15 @@ class DatabaseNotFoundError(ChiaPrefectError, FileNotFoundError):
 
 class NodeConnectionError(ChiaPrefectError, ConnectionError):
     """The database could not be reached. The message never contains credentials."""
+
+
+class MigrationError(ChiaPrefectError):
+    """Migrations cannot be loaded or applied as asked; nothing was changed."""
+
+
+class SchemaAheadError(MigrationError):
+    """The database has versions the code does not know: it is ahead of the code."""
+
+
+class ChecksumMismatchError(MigrationError):
+    """An applied migration's file changed since it was applied."""
