@@ -14,6 +14,7 @@ as `NodeConnectionError` without the DSN or password.
     │   └── TransactionControlError          BEGIN/COMMIT/... inside a member's SQL
     ├── DatabaseNotFoundError                a read on a SQLite file that does not exist
     ├── NodeConnectionError (ConnectionError) the database could not be reached
+    ├── IntegrityCheckError                  PRAGMA integrity_check found damage
     └── MigrationError                       migrations cannot be loaded or applied as asked
         ├── SchemaAheadError                 the database has versions the code lacks
         └── ChecksumMismatchError            an applied migration's file was edited
@@ -68,3 +69,7 @@ class SchemaAheadError(MigrationError):
 
 class ChecksumMismatchError(MigrationError):
     """An applied migration's file changed since it was applied."""
+
+
+class IntegrityCheckError(ChiaPrefectError):
+    """`PRAGMA integrity_check` found damage in a SQLite database."""

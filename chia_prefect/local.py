@@ -15,6 +15,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+
+
+def ray_task_runner() -> Any:
+    """`RayTaskRunner` for RAY_ADDRESS when set, else a temporary local Ray (2 CPUs).
+
+    Ray already running in this process is used as it is.
+    """
+    from prefect_ray import RayTaskRunner
+
+    if os.environ.get("RAY_ADDRESS"):
+        return RayTaskRunner(address=os.environ["RAY_ADDRESS"])
+    return RayTaskRunner(address="local", init_kwargs={"num_cpus": 2, "include_dashboard": False})
 
 
 @contextmanager

@@ -33,7 +33,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from chia_prefect._sql import split_statements
 from chia_prefect.base import DatabaseNode
-from chia_prefect.errors import ChecksumMismatchError, DatabaseNotFoundError, MigrationError, SchemaAheadError
+from chia_prefect.errors import (
+    ChecksumMismatchError,
+    DatabaseNotFoundError,
+    MigrationError,
+    SchemaAheadError,
+)
+from chia_prefect.local import ray_task_runner
 
 VERSION_TABLE = "chia_schema_versions"
 VERSION_DDL = f"""
@@ -201,7 +207,7 @@ def _baseline(node: DatabaseNode, migrations: list[Migration], schema_sql: str) 
     node.transaction([*_lock_ops(node), (sql, rows), *statements])
 
 
-@flow(name="chia-migrate", log_prints=True)
+@flow(name="chia-migrate", task_runner=ray_task_runner())
 def migrate(
     node: DatabaseNode,
     migrations: list[Migration],
@@ -211,6 +217,10 @@ def migrate(
     baseline_sql: str | None = None,
 ) -> dict[str, Any]:
     """Apply pending migrations, each with its version row in one transaction.
+
+    Runs on `RayTaskRunner` (the Ray already running in this process, RAY_ADDRESS, or a
+    temporary local one), so the node's members run where its placement says, also when
+    `migrate` is called inside another flow. `migrate.with_options(task_runner=...)` changes it.
 
     Args:
         node: The database node.

@@ -13,6 +13,7 @@ import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -297,6 +298,35 @@ class SQLiteNode(DatabaseNode):
         with self.connect(connect_opts=connect_opts) as conn:
             busy, log, checkpointed = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         return {"busy": busy, "log": log, "checkpointed": checkpointed}
+
+
+    @read
+    def backup(self, directory: str, *, keep: int | None = 7, connect_opts: dict | None = None) -> str:
+        """Online backup into `directory`/<name>-<UTC time>.db; keep the newest `keep` backups.
+
+        Uses SQLite's backup API in one step: a consistent snapshot while writers go on.
+        The copy is written under a temporary name and renamed, so a listed backup is whole.
+        """
+        if not os.path.isabs(directory):
+            raise ValueError(f"backup directory {directory!r} must be absolute (it is on the node's machine)")
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be at least 1 or None, got {keep}")
+        os.makedirs(directory, exist_ok=True)
+        stem = Path(self.db_path).stem
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        final = os.path.join(directory, f"{stem}-{stamp}.db")
+        partial = final + ".partial"
+        with self.connect(read_only=True, connect_opts=connect_opts) as source:
+            target = sqlite3.connect(partial)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+        os.replace(partial, final)
+        if keep is not None:
+            for old in sorted(Path(directory).glob(f"{stem}-*.db"))[:-keep]:
+                old.unlink()
+        return final
 
 
 def _run_one(cur: sqlite3.Cursor, sql: str, params: tuple | dict | None) -> ExecResult:

@@ -1,6 +1,7 @@
 """The main demo: atomic multi-op transactions on a database node, on Ray.
 
-Each "iteration" of an optimisation run is recorded as ONE transaction of three ops:
+It first applies the demo's migrations (flows/demo_migrations/). Each "iteration" of an
+optimisation run is recorded as ONE transaction of three ops:
 upsert the iteration row, delete that iteration's stale benchmark rows, bulk-insert the
 new ones. Several run concurrently on Ray; then reads summarise the run. Running it again
 rewrites the same rows, so counts stay the same.
@@ -21,27 +22,14 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.blocks.core import Block
-from prefect_ray import RayTaskRunner
 
 from chia_prefect import DatabaseNode, SQLiteNode
+from chia_prefect.local import ray_task_runner
+from chia_prefect.migrations import load_migrations, migrate
 
 DEFAULT_DB = Path(__file__).resolve().parent.parent / ".demo-data" / "demo.db"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS iterations (
-    entry_id TEXT NOT NULL,
-    iteration INTEGER NOT NULL,
-    score REAL NOT NULL,
-    PRIMARY KEY (entry_id, iteration)
-);
-CREATE TABLE IF NOT EXISTS benchmark_results (
-    entry_id TEXT NOT NULL,
-    iteration INTEGER NOT NULL,
-    bench TEXT NOT NULL,
-    value REAL NOT NULL,
-    PRIMARY KEY (entry_id, iteration, bench)
-);
-"""
+MIGRATIONS = Path(__file__).resolve().parent / "demo_migrations"
 
 UPSERT_ITERATION = (
     "INSERT INTO iterations (entry_id, iteration, score) VALUES (?, ?, ?) "
@@ -80,14 +68,7 @@ def load_node(block: str | None, db_path: str | None) -> DatabaseNode:
     return SQLiteNode(db_path=db_path or str(DEFAULT_DB))
 
 
-# A temporary local Ray unless RAY_ADDRESS names a cluster (or Ray is already running here).
-RAY = RayTaskRunner(
-    address=os.environ.get("RAY_ADDRESS", "local"),
-    init_kwargs={"num_cpus": 2, "include_dashboard": False} if "RAY_ADDRESS" not in os.environ else {},
-)
-
-
-@flow(name="atomic-transaction-demo", task_runner=RAY)
+@flow(name="atomic-transaction-demo", task_runner=ray_task_runner())
 def atomic_demo(
     block: str | None = None,
     entries: int = 3,
@@ -102,7 +83,7 @@ def atomic_demo(
             embedded SQLite file (`db_path`, default .demo-data/demo.db in the project).
     """
     with load_node(block, db_path) as db:
-        db.init_schema(SCHEMA)
+        schema = migrate(db, load_migrations(MIGRATIONS))
         futures = [
             db.transaction.submit(iteration_ops(db, f"entry-{e}", i, benchmarks))
             for e in range(entries)
@@ -111,6 +92,8 @@ def atomic_demo(
         changed = sum(sum(r.rowcount for r in f.result()) for f in futures)
         return {
             "engine": db.engine,
+            "schema_version": schema["to"],
+            "migrations_applied": schema["applied"],
             "transactions": len(futures),
             "rows_changed": changed,
             "iterations": db.query_value("SELECT COUNT(*) FROM iterations"),
@@ -122,6 +105,8 @@ def atomic_demo(
 
 def format_summary(summary: dict) -> str:
     lines = [
+        f"schema version: {summary['schema_version']}   migrations applied now: "
+        f"{summary['migrations_applied'] or 'none'}",
         f"engine: {summary['engine']}   transactions: {summary['transactions']}   "
         f"rows changed: {summary['rows_changed']}",
         f"iterations stored: {summary['iterations']}   benchmark rows stored: {summary['benchmark_rows']}",

@@ -26,6 +26,8 @@ def test_demo_command_prints_summary_and_is_idempotent(tmp_path):
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         outputs.append(run.stdout)
+    assert "schema version: 2   migrations applied now: [1, 2]" in outputs[0]
+    assert "schema version: 2   migrations applied now: none" in outputs[1]
     # The second run replaces each iteration's 200 stale rows: deleted, then inserted again.
     assert "engine: sqlite   transactions: 6   rows changed: 1206" in outputs[0]
     assert "engine: sqlite   transactions: 6   rows changed: 2406" in outputs[1]

@@ -11,9 +11,15 @@ from prefect.client.orchestration import get_client
 from prefect.utilities.asyncutils import run_coro_as_sync
 
 from chia_prefect.errors import ChecksumMismatchError, MigrationError, SchemaAheadError
-from chia_prefect.migrations import VERSION_TABLE, Migration, load_migrations, migrate, plan
+from chia_prefect.migrations import (
+    VERSION_TABLE,
+    Migration,
+    load_migrations,
+    migrate,
+    plan,
+)
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
 DEMO = Path(__file__).resolve().parent / "migrations_demo"
 
@@ -148,7 +154,10 @@ def test_plan_and_outcome_are_artifacts(sqlite_db, migrations):
     flow_run_id = state.state_details.flow_run_id
 
     async def artifacts():
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterFlowRunId,
+        )
 
         async with get_client() as client:
             return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
