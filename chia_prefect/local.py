@@ -18,6 +18,23 @@ from contextlib import contextmanager
 from typing import Any
 
 
+def ship_by_value(module_name: str) -> None:
+    """Let Ray workers run flows from `module_name` without importing it.
+
+    Prefect loads a deployment's entrypoint file as a top-level module (`atomic_demo`), and
+    the flow-run context it pickles into every Ray task names that module; a worker whose
+    sys.path lacks the file's folder cannot import it. Pickled by value, it travels along.
+    Call it at the top of a flow file: `ship_by_value(__name__)`.
+    """
+    import sys
+
+    from ray import cloudpickle
+
+    module = sys.modules[module_name]
+    if module_name != "__main__":
+        cloudpickle.register_pickle_by_value(module)
+
+
 def ray_task_runner() -> Any:
     """`RayTaskRunner` for RAY_ADDRESS when set, else a temporary local Ray (2 CPUs).
 

@@ -24,7 +24,7 @@ from prefect import flow
 from prefect.blocks.core import Block
 
 from chia_prefect import DatabaseNode, SQLiteNode
-from chia_prefect.local import ray_task_runner
+from chia_prefect.local import ray_task_runner, ship_by_value
 from chia_prefect.migrations import load_migrations, migrate
 
 DEFAULT_DB = Path(__file__).resolve().parent.parent / ".demo-data" / "demo.db"
@@ -48,6 +48,8 @@ FROM iterations i
 WHERE i.iteration = (SELECT MAX(iteration) FROM iterations j WHERE j.entry_id = i.entry_id)
 ORDER BY i.entry_id
 """
+
+ship_by_value(__name__)  # Ray workers need not import this file
 
 
 def iteration_ops(db: DatabaseNode, entry_id: str, iteration: int, benchmarks: int) -> list:

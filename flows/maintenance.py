@@ -18,7 +18,9 @@ from prefect.blocks.core import Block
 
 from chia_prefect import DatabaseNode
 from chia_prefect.errors import IntegrityCheckError
-from chia_prefect.local import ray_task_runner
+from chia_prefect.local import ray_task_runner, ship_by_value
+
+ship_by_value(__name__)  # Ray workers need not import this file
 
 
 def _sqlite(db: Any, backup_dir: str | None, keep: int) -> dict:

@@ -12,8 +12,10 @@ from prefect import flow
 from prefect.blocks.core import Block
 
 from chia_prefect import DatabaseNode
-from chia_prefect.local import ray_task_runner
+from chia_prefect.local import ray_task_runner, ship_by_value
 from chia_prefect.migrations import load_migrations, migrate
+
+ship_by_value(__name__)  # Ray workers need not import this file
 
 
 @flow(name="migrate-database", task_runner=ray_task_runner())
