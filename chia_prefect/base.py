@@ -43,6 +43,7 @@ class DatabaseNode(Block, ABC):
     connect_opts: BaseModel
 
     _placement_state: PlacementState = PrivateAttr(default_factory=PlacementState)
+    _tools: list = PrivateAttr(default_factory=list)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -116,6 +117,30 @@ class DatabaseNode(Block, ABC):
         """
         return render_qmark(sql, self.paramstyle)
 
+    @abstractmethod
+    def spawn_query_tool(
+        self,
+        name: str,
+        *,
+        read_write: bool = False,
+        row_limit: int = 100,
+        cell_char_limit: int = 4096,
+        total_char_limit: int = 32768,
+        time_limit_s: float = 10.0,
+    ) -> Any:
+        """Serve `query(sql)` and `schema()` (and `execute(sql)` if `read_write`) over MCP.
+
+        Returns a `QueryTool` with the server's `url`; on Ray the server is an actor placed
+        like the members. `close()` stops it.
+        """
+
+    def _serve_tool(self, session: Any, name: str, read_write: bool) -> Any:
+        from chia_prefect.query_tool import spawn
+
+        tool = spawn(self, session, name, read_write)
+        self._tools.append(tool)
+        return tool
+
     # --- options, placement, lifetime -------------------------------------------------
 
     def resolve_connect_opts(self, connect_opts: dict | BaseModel | None = None) -> Any:
@@ -152,7 +177,11 @@ class DatabaseNode(Block, ABC):
         return f"{self.get_block_type_name()} '{name}'" if name else self.get_block_type_name()
 
     def close(self) -> None:
-        """Release the placement group this node reserved (not one handed in). Idempotent."""
+        """Stop the query tools this node spawned, then release the placement group it
+        reserved (not one handed in): a tool's actor may live in that group. Idempotent."""
+        tools, self._tools = self._tools, []
+        for tool in tools:
+            tool.stop()
         self._placement_state.release()
 
     def __enter__(self) -> DatabaseNode:
@@ -166,6 +195,7 @@ class DatabaseNode(Block, ABC):
         state = super().__getstate__()
         private = dict(state.get("__pydantic_private__") or {})
         private["_placement_state"] = PlacementState()
+        private["_tools"] = []
         return {**state, "__pydantic_private__": private}
 
 

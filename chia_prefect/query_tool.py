@@ -1,0 +1,336 @@
+"""Read-only SQL for LLM agents over MCP, served beside the database node.
+
+    tool = db.spawn_query_tool("app_db")        # on Ray: an actor placed like the members
+    print(tool.url)                             # http://<node ip>:<port>/mcp (streamable HTTP)
+    db.close()                                  # stops the tool, then releases the placement
+
+Tools: `query(sql)` and `schema()`, plus `execute(sql)` only with `read_write=True`.
+Results are a pipe-delimited table; rows, cells and the whole are capped while fetching,
+and a final `NOTE:` line says which cap fired. Errors come back as text.
+
+The boundary is the engine, not string inspection. SQLite: the file is opened `mode=ro`
+with `query_only`, and an authorizer allows only reads (no ATTACH, PRAGMA changes,
+transactions, extension loading). Postgres: one fresh read-only session per call, one
+statement per call (extended protocol) and `statement_timeout`. That session flag is a
+guard, not a wall: give `dsn=` a role granted SELECT only.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from chia_prefect.base import DatabaseNode
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Limits on one tool result."""
+
+    row_limit: int = 100
+    cell_char_limit: int = 4096
+    total_char_limit: int = 32768
+    time_limit_s: float = 10.0
+
+
+def _cell(value: Any, limit: int) -> tuple[str, bool]:
+    if value is None:
+        text = "NULL"
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        text = f"<{len(bytes(value))} bytes>"
+    else:
+        text = str(value).replace("\r", " ").replace("\n", " ").replace("|", "\\|")
+    if len(text) > limit:
+        return text[:limit] + f"…[+{len(text) - limit} chars]", True
+    return text, False
+
+
+def render_table(names: list[str], fetchmany: Any, caps: Caps) -> str:
+    """Fetch and render at most `row_limit` rows within the caps; never fetch everything."""
+    lines = [" | ".join(names)]
+    total, rows, notes, cut_cells = len(lines[0]), 0, [], False
+    while True:
+        batch = fetchmany(min(100, caps.row_limit + 1 - rows))
+        if not batch:
+            break
+        for row in batch:
+            if rows == caps.row_limit:
+                notes.append(f"row limit reached: showing the first {caps.row_limit} rows; add a WHERE or LIMIT")
+                break
+            cells = [_cell(v, caps.cell_char_limit) for v in row]
+            cut_cells |= any(cut for _, cut in cells)
+            line = " | ".join(text for text, _ in cells)
+            if total + 1 + len(line) > caps.total_char_limit:
+                notes.append(f"total size limit of {caps.total_char_limit} characters reached after {rows} rows")
+                break
+            lines.append(line)
+            total += 1 + len(line)
+            rows += 1
+        if notes:
+            break
+    if rows == 0 and not notes:
+        lines.append("(no rows)")
+    if cut_cells:
+        notes.append(f"cells longer than {caps.cell_char_limit} characters were truncated")
+    if notes:
+        lines.append("NOTE: " + "; ".join(notes))
+    return "\n".join(lines)
+
+
+def _error(exc: BaseException, scrub: Any = str) -> str:
+    return f"ERROR: {type(exc).__name__}: {scrub(str(exc)).strip()}"
+
+
+# --- SQLite ---------------------------------------------------------------------------
+
+# The authorizer sees a pragma's argument and an assigned value alike: these take a table
+# or index name and never write; the others are allowed only without an argument.
+_PRAGMAS_READING_AN_OBJECT = frozenset({
+    "table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo", "foreign_key_list",
+})
+_PRAGMAS_READING = frozenset({
+    "database_list", "collation_list", "function_list", "page_count", "page_size", "user_version",
+    "schema_version", "journal_mode", "encoding", "compile_options",
+})
+_DENIED_FUNCTIONS = frozenset({"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"})
+
+
+def _sqlite_authorizer(action: int, arg1: Any, arg2: Any, db_name: Any, source: Any) -> int:
+    """Allow reading only; everything else is refused by SQLite before it runs."""
+    if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE):
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_FUNCTION:
+        return sqlite3.SQLITE_DENY if str(arg2).lower() in _DENIED_FUNCTIONS else sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA:  # arg1: pragma name, arg2: its value when assigned
+        pragma = str(arg1).lower()
+        allowed = pragma in _PRAGMAS_READING_AN_OBJECT or (pragma in _PRAGMAS_READING and arg2 is None)
+        return sqlite3.SQLITE_OK if allowed else sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_DENY
+
+
+class SQLiteToolSession:
+    """One read-only SQLite connection per tool call."""
+
+    def __init__(self, db_path: str, caps: Caps, busy_timeout_s: float = 5.0):
+        self.db_path, self.caps, self.busy_timeout_s = db_path, caps, busy_timeout_s
+
+    def _connect(self, read_only: bool) -> tuple[sqlite3.Connection, dict]:
+        mode = "ro" if read_only else "rw"
+        conn = sqlite3.connect(f"file:{quote(self.db_path)}?mode={mode}", uri=True,
+                               timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
+        state = {"timed_out": False}
+        deadline = time.monotonic() + self.caps.time_limit_s
+
+        def over_time() -> int:
+            state["timed_out"] = time.monotonic() > deadline
+            return int(state["timed_out"])
+
+        conn.set_progress_handler(over_time, 10_000)
+        if read_only:
+            conn.execute("PRAGMA query_only = ON")
+            conn.set_authorizer(_sqlite_authorizer)
+        return conn, state
+
+    def _run(self, sql: str, read_only: bool) -> str:
+        try:
+            conn, state = self._connect(read_only)
+        except sqlite3.Error as exc:
+            return _error(exc)
+        try:
+            cur = conn.execute(sql)
+            if cur.description is None:
+                return f"OK: {max(cur.rowcount, 0)} rows changed"
+            return render_table([d[0] for d in cur.description], cur.fetchmany, self.caps)
+        except sqlite3.Error as exc:
+            if state["timed_out"]:
+                return f"ERROR: the query ran past the {self.caps.time_limit_s:g} s time limit and was stopped"
+            return _error(exc)
+        finally:
+            conn.close()
+
+    def query(self, sql: str) -> str:
+        return self._run(sql, read_only=True)
+
+    def execute(self, sql: str) -> str:
+        return self._run(sql, read_only=False)
+
+    def schema(self) -> str:
+        return self.query("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY type, name")
+
+
+# --- Postgres -------------------------------------------------------------------------
+
+
+class PostgresToolSession:
+    """A fresh session per tool call: read-only, one statement, statement_timeout."""
+
+    def __init__(self, node: DatabaseNode, caps: Caps, schemas: tuple[str, ...] = ("public",)):
+        self.node, self.caps, self.schemas = node, caps, schemas
+
+    def _run(self, sql: str, read_only: bool, params: Any = None) -> str:
+        import psycopg
+
+        from chia_prefect.errors import ChiaPrefectError
+
+        opts = {"statement_timeout_ms": int(self.caps.time_limit_s * 1000), "application_name": "chia-query-tool"}
+        try:
+            with self.node.connect(read_only=read_only, connect_opts=opts) as conn:
+                cur = conn.cursor()
+                # Extended protocol: the server runs exactly one statement.
+                rows = cur.stream(sql, params, size=100)
+                try:
+                    return self._render(cur, rows)
+                finally:
+                    rows.close()
+        except (psycopg.Error, ChiaPrefectError) as exc:
+            return _error(exc, self.node.scrub)
+
+    def _render(self, cur: Any, rows: Any) -> str:
+        iterator = iter(rows)
+        first = next(iterator, None)
+        if cur.description is None:
+            return f"OK: {max(cur.rowcount, 0)} rows changed"
+        pending = [] if first is None else [first]
+
+        def fetchmany(n: int) -> list:
+            out = [pending.pop()] if pending else []
+            for row in iterator:
+                out.append(row)
+                if len(out) >= n:
+                    break
+            return out
+
+        return render_table([c.name for c in cur.description], fetchmany, self.caps)
+
+    def query(self, sql: str) -> str:
+        return self._run(sql, read_only=True)
+
+    def execute(self, sql: str) -> str:
+        return self._run(sql, read_only=False)
+
+    def schema(self) -> str:
+        return self._run(
+            "SELECT table_schema, table_name, column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = ANY(%s) ORDER BY table_schema, table_name, ordinal_position",
+            read_only=True, params=(list(self.schemas),),
+        )
+
+
+# --- MCP server -----------------------------------------------------------------------
+
+
+def build_server(session: Any, name: str, read_write: bool) -> Any:
+    """An `MCPServer` exposing the session's query/schema (and execute if read_write)."""
+    import anyio
+    from mcp.server.mcpserver import MCPServer
+
+    server = MCPServer(name, instructions="SQL over one database. Results are capped; a NOTE line says when.")
+
+    @server.tool(description="Run ONE read-only SQL statement and return a pipe-delimited table.")
+    async def query(sql: str) -> str:
+        return await anyio.to_thread.run_sync(session.query, sql)
+
+    @server.tool(description="List the tables, columns and indexes of the database.")
+    async def schema() -> str:
+        return await anyio.to_thread.run_sync(session.schema)
+
+    if read_write:
+        @server.tool(description="Run ONE SQL statement that may change the database.")
+        async def execute(sql: str) -> str:
+            return await anyio.to_thread.run_sync(session.execute, sql)
+
+    return server
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class HttpToolServer:
+    """An MCP server on streamable HTTP in a background thread of this process."""
+
+    def __init__(self, server: Any, host: str = "127.0.0.1"):
+        import uvicorn
+
+        self.host, self.port = host, _free_port(host)
+        app = server.streamable_http_app(host=host)
+        self._uvicorn = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._uvicorn.run, name=f"mcp-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/mcp"
+
+    def start(self, timeout: float = 30) -> str:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._uvicorn.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"the MCP server on port {self.port} did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self) -> None:
+        self._uvicorn.should_exit = True
+        self._thread.join(timeout=10)
+
+
+class _ToolActor:
+    """Ray actor hosting the MCP server on the node's machine."""
+
+    def __init__(self, session: Any, name: str, read_write: bool):
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        self._server = HttpToolServer(build_server(session, name, read_write), host=host)
+        self._server.start()
+
+    def url(self) -> str:
+        return self._server.url
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+class QueryTool:
+    """Handle of a running query tool: its `url`, and `stop()` (idempotent)."""
+
+    def __init__(self, name: str, url: str, stopper: Any):
+        self.name, self.url, self._stopper = name, url, stopper
+
+    def stop(self) -> None:
+        stopper, self._stopper = self._stopper, None
+        if stopper is not None:
+            stopper()
+
+    def __repr__(self) -> str:
+        return f"QueryTool({self.name!r}, url={self.url!r}, running={self._stopper is not None})"
+
+
+def spawn(node: DatabaseNode, session: Any, name: str, read_write: bool) -> QueryTool:
+    """Serve `session` over MCP: as a Ray actor placed like the node's members when Ray is
+    initialised, else in a thread of this process."""
+    import ray
+
+    if not ray.is_initialized():
+        server = HttpToolServer(build_server(session, name, read_write))
+        return QueryTool(name, server.start(), server.stop)
+    options = {k: v for k, v in node._ray_options().items() if k in ("num_cpus", "resources", "scheduling_strategy")}
+    actor = ray.remote(_ToolActor).options(max_restarts=0, **options).remote(session, name, read_write)
+    url = ray.get(actor.url.remote(), timeout=120)
+
+    def stop() -> None:
+        try:
+            ray.get(actor.stop.remote(), timeout=30)
+        finally:
+            ray.kill(actor)
+
+    return QueryTool(name, url, stop)
