@@ -29,6 +29,7 @@ from prefect import Task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.utilities.annotations import unmapped
+from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 
 if TYPE_CHECKING:
     from chia_prefect.base import DatabaseNode
@@ -116,10 +117,74 @@ def abstract_member(kind: Kind, batch: tuple[str, ...] = ()) -> Callable[[Callab
     return lambda fn: Member(fn, kind, batch, abstract=True)
 
 
+def _worker_death_errors() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as errors
+
+    names = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "ObjectLostError")
+    return tuple(getattr(errors, name) for name in names if hasattr(errors, name))
+
+
+def _report_crash(task: Task, flow_run_id: Any, task_run_id: Any, exc: BaseException) -> None:
+    """Tell the Prefect API the task run crashed: its worker cannot report anything now.
+
+    The worker reports its run through buffered events; one killed early never did, so a
+    run the API does not know is created in the Crashed state.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.states import Crashed
+
+    message = f"The Ray worker running this task died ({type(exc).__name__}); the run was not retried."
+    with get_client(sync_client=True) as client:
+        try:
+            client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
+        except PrefectHTTPStatusError as error:
+            if error.response.status_code != 404:
+                raise
+            client.create_task_run(task, flow_run_id, dynamic_key=f"{task.task_key}-{task_run_id.hex}",
+                                   id=task_run_id, state=Crashed(message=message))
+
+
+class CrashReportingRayFuture(PrefectRayFuture):
+    """A member's future on Ray: a dead worker leaves the task run Crashed, not Running."""
+
+    _task: Task | None = None
+    _flow_run_id: Any = None
+    _reported = False
+
+    def _check_death(self, timeout: float | None) -> None:
+        import ray
+
+        if self._final_state is not None or self._reported:
+            return
+        try:
+            ray.get(self.wrapped_future, timeout=timeout)
+        except _worker_death_errors() as exc:
+            self._reported = True
+            _report_crash(self._task, self._flow_run_id, self.task_run_id, exc)
+        except Exception:  # noqa: BLE001 - other outcomes are the base class's business
+            pass
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._check_death(timeout)
+        super().wait(timeout)
+
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
+        self._check_death(timeout)
+        return super().result(timeout=timeout, raise_on_failure=raise_on_failure)
+
+
+def _crash_reporting_future(future: Any, task: Task) -> Any:
+    if not isinstance(future, PrefectRayFuture):
+        return future
+    wrapped = CrashReportingRayFuture(task_run_id=future.task_run_id, wrapped_future=future.wrapped_future)
+    flow_ctx = FlowRunContext.get()
+    wrapped._task, wrapped._flow_run_id = task, flow_ctx.flow_run.id if flow_ctx and flow_ctx.flow_run else None
+    return wrapped
+
+
 def on_ray_runner() -> bool:
     """True in a flow run (not inside a task) whose task runner is `RayTaskRunner`."""
-    from prefect_ray.task_runners import RayTaskRunner
-
     flow_ctx = FlowRunContext.get()
     if flow_ctx is None or TaskRunContext.get() is not None:
         return False
@@ -180,7 +245,7 @@ class MemberTask(Task):
         control = {k: kwargs.pop(k) for k in ("return_state", "wait_for") if k in kwargs}
         args, kwargs = self._bind_args(args, kwargs)
         with self._remote_options():
-            return super().submit(*args, **control, **kwargs)
+            return _crash_reporting_future(super().submit(*args, **control, **kwargs), self)
 
     def map(self, *args: Any, **kwargs: Any) -> Any:
         with self._remote_options():

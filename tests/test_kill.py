@@ -69,11 +69,19 @@ def kill_mid_write(db: DatabaseNode, sql: str, retries: int) -> dict:
     in_progress = sqlite_statement_in_progress if db.engine == "sqlite" else postgres_statement_in_progress
     wait_until(lambda: in_progress(db))
     victim.send_signal(signal.SIGKILL)
+    seen = {"victim": victim.pid, "task_run_id": str(future.task_run_id)}
     try:
         result = future.result(timeout=120)
-        return {"raised": None, "rowcount": result.rowcount, "victim": victim.pid}
+        return {**seen, "raised": None, "rowcount": result.rowcount}
     except Exception as exc:  # noqa: BLE001 - the type is the observation
-        return {"raised": type(exc).__name__, "victim": victim.pid}
+        return {**seen, "raised": type(exc).__name__}
+
+
+def task_run_state(task_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_run(task_run_id).state.type.value
 
 
 def _count(db: DatabaseNode) -> int:
@@ -85,7 +93,8 @@ def test_killed_write_is_not_replayed(request, engine):
     db = request.getfixturevalue(f"{engine}_db")
     db.init_schema("CREATE TABLE t (x INTEGER)")
     out = kill_mid_write(db, SQLITE_SLOW_INSERT if engine == "sqlite" else POSTGRES_SLOW_INSERT, 0)
-    assert out["raised"] is not None, out  # the future raises
+    assert out["raised"] == "WorkerCrashedError", out  # the future raises
+    assert task_run_state(out["task_run_id"]) == "CRASHED"  # not left Running on the server
     assert not psutil.pid_exists(out["victim"]) or psutil.Process(out["victim"]).status() == "zombie"
     # Long enough for a replay to start and finish; none may.
     time.sleep(6)
@@ -100,3 +109,4 @@ def test_explicit_retries_opt_in_reaches_ray(request, engine):
     db.init_schema("CREATE TABLE t (x INTEGER)")
     out = kill_mid_write(db, SQLITE_SLOW_INSERT if engine == "sqlite" else POSTGRES_SLOW_INSERT, 1)
     assert _count(db) == (6_000_000 if engine == "sqlite" else 1), out
+    assert out["raised"] is None and task_run_state(out["task_run_id"]) == "COMPLETED"
