@@ -46,6 +46,7 @@ from chia_prefect.members import read, write
 from chia_prefect.placement import Placement
 
 _INSERT = re.compile(r"\s*(INSERT|REPLACE)\b", re.IGNORECASE)
+MOUNTS_FILE = "/proc/self/mounts"
 _NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre",
      "gpfs", "fuse.sshfs", "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs", "fuse.gcsfuse"}
@@ -353,7 +354,7 @@ def _run_one(cur: sqlite3.Cursor, sql: str, params: tuple | dict | None) -> Exec
 
 
 def _refuse_network_fs(db_path: str, label: str) -> None:
-    fstype = _filesystem_type(os.path.dirname(db_path))
+    fstype = _filesystem_type(os.path.dirname(db_path), MOUNTS_FILE)
     if fstype in _NETWORK_FILESYSTEMS:
         raise NetworkFilesystemError(
             f"{label}: the database lies on a {fstype} filesystem. SQLite's WAL needs one "
@@ -363,10 +364,10 @@ def _refuse_network_fs(db_path: str, label: str) -> None:
 
 
 @lru_cache(maxsize=256)
-def _filesystem_type(directory: str) -> str | None:
+def _filesystem_type(directory: str, mounts_file: str = MOUNTS_FILE) -> str | None:
     """The type of the filesystem mounted at the longest prefix of `directory` (Linux)."""
     try:
-        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+        with open(mounts_file, encoding="utf-8") as mounts:
             entries = [line.split()[1:3] for line in mounts if len(line.split()) >= 3]
     except OSError:
         return None

@@ -57,3 +57,23 @@ class ProbePostgresNode(PostgresNode):
     @read
     def where(self, *, connect_opts: dict | None = None) -> dict:
         return _where()
+
+
+class LoadSQLiteNode(SQLiteNode):
+    """A writer that commits `n` separate transactions, each on a fresh connection."""
+
+    @write
+    def write_many(self, writer: int, n: int, *, connect_opts: dict | None = None) -> int:
+        for seq in range(n):
+            with self._atomic(connect_opts) as cur:
+                cur.execute("INSERT INTO load (writer, seq) VALUES (?, ?)", (writer, seq))
+        return n
+
+
+class LoadPostgresNode(PostgresNode):
+    @write
+    def bump_many(self, n: int, *, connect_opts: dict | None = None) -> int:
+        for _ in range(n):
+            with self._atomic(connect_opts) as cur:
+                cur.execute("UPDATE counter SET value = value + 1 WHERE id = 1")
+        return n
