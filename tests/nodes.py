@@ -77,3 +77,27 @@ class LoadPostgresNode(PostgresNode):
             with self._atomic(connect_opts) as cur:
                 cur.execute("UPDATE counter SET value = value + 1 WHERE id = 1")
         return n
+
+
+def _signal_and_wait(marker: str) -> None:
+    import time
+
+    with open(marker, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)  # killed here: committed, not yet returned
+
+
+class CommitThenHangSQLiteNode(SQLiteNode):
+    @write
+    def insert_then_hang(self, value: int, marker: str, *, connect_opts: dict | None = None) -> None:
+        with self._atomic(connect_opts) as cur:
+            cur.execute("INSERT INTO t (x) VALUES (?)", (value,))
+        _signal_and_wait(marker)
+
+
+class CommitThenHangPostgresNode(PostgresNode):
+    @write
+    def insert_then_hang(self, value: int, marker: str, *, connect_opts: dict | None = None) -> None:
+        with self._atomic(connect_opts) as cur:
+            cur.execute("INSERT INTO t (x) VALUES (%s)", (value,))
+        _signal_and_wait(marker)

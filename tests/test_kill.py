@@ -110,3 +110,38 @@ def test_explicit_retries_opt_in_reaches_ray(request, engine):
     out = kill_mid_write(db, SQLITE_SLOW_INSERT if engine == "sqlite" else POSTGRES_SLOW_INSERT, 1)
     assert _count(db) == (6_000_000 if engine == "sqlite" else 1), out
     assert out["raised"] is None and task_run_state(out["task_run_id"]) == "COMPLETED"
+
+
+@flow(task_runner=RayTaskRunner())
+def kill_after_commit(db: DatabaseNode, trials: int, marker_dir: str) -> list[dict]:
+    outcomes = []
+    for trial in range(trials):
+        marker = os.path.join(marker_dir, f"committed-{trial}")
+        future = db.insert_then_hang.submit(trial, marker)
+        pid = int(wait_until(lambda: os.path.exists(marker) and open(marker).read()))
+        os.kill(pid, signal.SIGKILL)
+        try:
+            future.result(timeout=120)
+            outcomes.append({"raised": None})
+        except Exception as exc:  # noqa: BLE001 - the type is the observation
+            outcomes.append({"raised": type(exc).__name__, "task_run_id": str(future.task_run_id)})
+    return outcomes
+
+
+@pytest.mark.parametrize("engine", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_killed_after_commit_is_applied_exactly_once(request, engine, tmp_path):
+    from nodes import CommitThenHangPostgresNode, CommitThenHangSQLiteNode
+
+    if engine == "sqlite":
+        db = CommitThenHangSQLiteNode(db_path=request.getfixturevalue("sqlite_path"))
+    else:
+        db = CommitThenHangPostgresNode(dsn=request.getfixturevalue("postgres_dsn"))
+    trials = 3
+    with db:
+        db.init_schema("CREATE TABLE t (x INTEGER)")
+        outcomes = kill_after_commit(db, trials, str(tmp_path))
+        assert [o["raised"] for o in outcomes] == ["WorkerCrashedError"] * trials
+        assert {task_run_state(o["task_run_id"]) for o in outcomes} == {"CRASHED"}
+        time.sleep(3)  # a replay would insert again
+        rows = db.query("SELECT x, COUNT(*) AS n FROM t GROUP BY x ORDER BY x")
+    assert rows == [{"x": trial, "n": 1} for trial in range(trials)]  # committed once, never replayed
