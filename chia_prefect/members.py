@@ -259,7 +259,7 @@ class MemberTask(Task):
             raise TypeError(f"{self.name}{self._member.signature}: {exc}") from None
         for name in self._member.batch:
             value = bound.arguments.get(name)
-            if value is not None and isinstance(value, (list, tuple)):
+            if isinstance(value, (list, tuple)):
                 bound.arguments[name] = Batch(value)
         return bound.args, bound.kwargs
 
