@@ -117,7 +117,6 @@ class DatabaseNode(Block, ABC):
         """
         return render_qmark(sql, self.paramstyle)
 
-    @abstractmethod
     def spawn_query_tool(
         self,
         name: str,
@@ -127,19 +126,24 @@ class DatabaseNode(Block, ABC):
         cell_char_limit: int = 4096,
         total_char_limit: int = 32768,
         time_limit_s: float = 10.0,
+        **engine_options: Any,
     ) -> Any:
         """Serve `query(sql)` and `schema()` (and `execute(sql)` if `read_write`) over MCP.
 
         Returns a `QueryTool` with the server's `url`; on Ray the server is an actor placed
-        like the members. `close()` stops it.
+        like the members. `close()` stops it. `engine_options` go to the engine's session
+        (Postgres: `dsn=` for a SELECT-only role, `schemas=`).
         """
+        from chia_prefect.query_tool import Caps, spawn
 
-    def _serve_tool(self, session: Any, name: str, read_write: bool) -> Any:
-        from chia_prefect.query_tool import spawn
-
-        tool = spawn(self, session, name, read_write)
+        caps = Caps(row_limit, cell_char_limit, total_char_limit, time_limit_s)
+        tool = spawn(self, self._query_tool_session(caps, **engine_options), name, read_write)
         self._tools.append(tool)
         return tool
+
+    @abstractmethod
+    def _query_tool_session(self, caps: Any, **engine_options: Any) -> Any:
+        """The engine's query-tool session (`query`, `schema`, `execute` returning text)."""
 
     # --- options, placement, lifetime -------------------------------------------------
 

@@ -217,25 +217,13 @@ class PostgresNode(DatabaseNode):
             # implicit transaction unless the script says BEGIN/COMMIT itself.
             conn.execute(script)
 
-    def spawn_query_tool(
-        self,
-        name: str,
-        *,
-        read_write: bool = False,
-        row_limit: int = 100,
-        cell_char_limit: int = 4096,
-        total_char_limit: int = 32768,
-        time_limit_s: float = 10.0,
-        dsn: str | None = None,
-        schemas: tuple[str, ...] = ("public",),
-    ) -> Any:
-        """Serve SQL over MCP in read-only sessions. `dsn=` gives the tool other credentials:
-        a role granted SELECT only is the real boundary; the session flag is a guard."""
-        from chia_prefect.query_tool import Caps, PostgresToolSession
+    def _query_tool_session(self, caps: Any, dsn: str | None = None, schemas: tuple[str, ...] = ("public",)) -> Any:
+        """Read-only sessions; `dsn=` gives the tool other credentials: a role granted SELECT
+        only is the real boundary, the session flag a guard."""
+        from chia_prefect.query_tool import PostgresToolSession
 
         node = self if dsn is None else PostgresNode(dsn=dsn, placement=self.placement, connect_opts=self.connect_opts)
-        caps = Caps(row_limit, cell_char_limit, total_char_limit, time_limit_s)
-        return self._serve_tool(PostgresToolSession(node, caps, schemas), name, read_write)
+        return PostgresToolSession(node, caps, schemas)
 
     # --- members ------------------------------------------------------------------------
 

@@ -207,21 +207,11 @@ class SQLiteNode(DatabaseNode):
         with self.connect(connect_opts=connect_opts) as conn:
             conn.executescript(script)
 
-    def spawn_query_tool(
-        self,
-        name: str,
-        *,
-        read_write: bool = False,
-        row_limit: int = 100,
-        cell_char_limit: int = 4096,
-        total_char_limit: int = 32768,
-        time_limit_s: float = 10.0,
-    ) -> Any:
-        """Serve SQL over MCP beside the file; reads open it `mode=ro` under an authorizer."""
-        from chia_prefect.query_tool import Caps, SQLiteToolSession
+    def _query_tool_session(self, caps: Any) -> Any:
+        """Reads open the file `mode=ro` under a read-only authorizer."""
+        from chia_prefect.query_tool import SQLiteToolSession
 
-        caps = Caps(row_limit, cell_char_limit, total_char_limit, time_limit_s)
-        return self._serve_tool(SQLiteToolSession(self.db_path, caps), name, read_write)
+        return SQLiteToolSession(self.db_path, caps)
 
     # --- members ------------------------------------------------------------------------
 
