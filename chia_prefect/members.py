@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
+from prefect.futures import PrefectFutureList
 from prefect.utilities.annotations import unmapped
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 
@@ -249,7 +250,10 @@ class MemberTask(Task):
 
     def map(self, *args: Any, **kwargs: Any) -> Any:
         with self._remote_options():
-            return super().map(unmapped(self._node), *args, **kwargs)
+            futures = super().map(unmapped(self._node), *args, **kwargs)
+        if isinstance(futures, PrefectFutureList):
+            return PrefectFutureList(_crash_reporting_future(future, self) for future in futures)
+        return futures
 
     def _bind_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Prepend the node and box the member's batch arguments."""

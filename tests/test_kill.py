@@ -1,13 +1,17 @@
-"""A write whose Ray worker is SIGKILLed mid-statement runs once, never again; its future raises.
+"""Workers SIGKILLed mid-write and right after COMMIT: never replayed, never applied twice.
 
+Each case runs TRIALS kills (20 by default, `CHIA_KILL_TRIALS` to change) in one flow run.
 The flow finds the worker by its process title (Ray names it `ray::<task name>` while it
-runs the task), waits until the statement is visibly in progress, and kills it.
+runs the task), waits until the statement is visibly in progress, and kills it. Every
+killed task's future raises and its run is recorded CRASHED in Prefect.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
+import sqlite3
 import time
 
 import psutil
@@ -17,13 +21,15 @@ from prefect_ray import RayTaskRunner
 
 from chia_prefect import DatabaseNode
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.reliability, pytest.mark.usefixtures("ray_cluster")]
 
+TRIALS = int(os.environ.get("CHIA_KILL_TRIALS", "20"))
+BATCH = 4  # kills at once where trials are independent
 SQLITE_SLOW_INSERT = (
     "INSERT INTO t (x) WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
-    "WHERE x < 6000000) SELECT x FROM c"
+    "WHERE x < 6000000) SELECT ? FROM c"
 )
-POSTGRES_SLOW_INSERT = "INSERT INTO t (x) SELECT 1 FROM pg_sleep(4)"
+POSTGRES_SLOW_INSERT = "INSERT INTO t (x) SELECT %s FROM generate_series(1, 3000000)"
 
 
 def workers_running(task_name: str) -> list[psutil.Process]:
@@ -35,7 +41,7 @@ def workers_running(task_name: str) -> list[psutil.Process]:
     return found
 
 
-def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05):
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.02):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -45,36 +51,89 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
 
 
+def sqlite_reset_wal(db: DatabaseNode) -> None:
+    """Empty the WAL, so that its growth shows the next statement writing."""
+    conn = sqlite3.connect(db.db_path)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
 def sqlite_statement_in_progress(db: DatabaseNode) -> bool:
     wal = db.db_path + "-wal"
     return os.path.exists(wal) and os.path.getsize(wal) > 1_000_000
 
 
-def postgres_statement_in_progress(db: DatabaseNode) -> bool:
+def postgres_active_inserts(db: DatabaseNode) -> int:
     import psycopg
 
     with psycopg.connect(db.dsn.get_secret_value(), autocommit=True) as conn:
         row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'INSERT INTO t%%'"
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'INSERT INTO t%%' "
+            "AND state <> 'idle' AND pid <> pg_backend_pid()"
         ).fetchone()
-    return row[0] > 0
+    return row[0]
+
+
+def postgres_statements_in_progress(db: DatabaseNode, n: int) -> bool:
+    return postgres_active_inserts(db) >= n
+
+
+def postgres_notice_dead_clients(db: DatabaseNode) -> None:
+    """Have backends of killed clients stop at once instead of finishing their statement."""
+    import psycopg
+
+    with psycopg.connect(db.dsn.get_secret_value(), autocommit=True) as conn:
+        name = conn.info.dbname
+        conn.execute(f'ALTER DATABASE "{name}" SET client_connection_check_interval = 100')
+
+
+def batches(trials: int, size: int) -> list[range]:
+    return [range(start, min(start + size, trials)) for start in range(0, trials, size)]
+
+
+def kill_all(victims: list[psutil.Process]) -> None:
+    time.sleep(random.uniform(0, 0.3))  # somewhere in the statement, not always its start
+    for victim in victims:
+        victim.send_signal(signal.SIGKILL)
+
+
+def outcome(future, victim_pids: list[int]) -> dict:
+    seen = {"victims": victim_pids, "task_run_id": str(future.task_run_id)}
+    try:
+        result = future.result(timeout=120)
+        return {**seen, "raised": None, "result": result}
+    except Exception as exc:  # noqa: BLE001 - the type is the observation
+        return {**seen, "raised": type(exc).__name__}
 
 
 @flow(task_runner=RayTaskRunner())
-def kill_mid_write(db: DatabaseNode, sql: str, retries: int) -> dict:
+def kill_mid_write(db: DatabaseNode, sql: str, trials: int, retries: int) -> list[dict]:
+    """SIGKILL the worker of each write while its statement runs.
+
+    PostgreSQL trials run BATCH at a time (independent rows); SQLite has one writer at a
+    time, so its trials run one by one.
+    """
     member = db.execute.with_options(retries=retries) if retries else db.execute
-    future = member.submit(sql)
     name = f"{db.engine}.execute"
-    victim = wait_until(lambda: workers_running(name))[0]
-    in_progress = sqlite_statement_in_progress if db.engine == "sqlite" else postgres_statement_in_progress
-    wait_until(lambda: in_progress(db))
-    victim.send_signal(signal.SIGKILL)
-    seen = {"victim": victim.pid, "task_run_id": str(future.task_run_id)}
-    try:
-        result = future.result(timeout=120)
-        return {**seen, "raised": None, "rowcount": result.rowcount}
-    except Exception as exc:  # noqa: BLE001 - the type is the observation
-        return {**seen, "raised": type(exc).__name__}
+    sqlite = db.engine == "sqlite"
+    outcomes = []
+    for batch in batches(trials, 1 if sqlite else BATCH):
+        if sqlite:
+            sqlite_reset_wal(db)
+        else:  # the last batch's server backends must have noticed their clients are gone
+            wait_until(lambda: postgres_active_inserts(db) == 0)
+        futures = [member.submit(sql, (trial,)) for trial in batch]
+        n = len(batch)
+        victims = wait_until(lambda n=n: len(found := workers_running(name)) >= n and found)
+        if sqlite:
+            wait_until(lambda: sqlite_statement_in_progress(db))
+        else:
+            wait_until(lambda n=n: postgres_statements_in_progress(db, n))
+        kill_all(victims)
+        outcomes += [outcome(future, [v.pid for v in victims]) for future in futures]
+    return outcomes
 
 
 def task_run_state(task_run_id: str) -> str:
@@ -88,18 +147,28 @@ def _count(db: DatabaseNode) -> int:
     return db.query_value("SELECT COUNT(*) FROM t")
 
 
+def slow_insert(engine: str) -> str:
+    return SQLITE_SLOW_INSERT if engine == "sqlite" else POSTGRES_SLOW_INSERT
+
+
 @pytest.mark.parametrize("engine", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_killed_write_is_not_replayed(request, engine):
     db = request.getfixturevalue(f"{engine}_db")
     db.init_schema("CREATE TABLE t (x INTEGER)")
-    out = kill_mid_write(db, SQLITE_SLOW_INSERT if engine == "sqlite" else POSTGRES_SLOW_INSERT, 0)
-    assert out["raised"] == "WorkerCrashedError", out  # the future raises
-    assert task_run_state(out["task_run_id"]) == "CRASHED"  # not left Running on the server
-    assert not psutil.pid_exists(out["victim"]) or psutil.Process(out["victim"]).status() == "zombie"
-    # Long enough for a replay to start and finish; none may.
+    if engine == "postgres":
+        postgres_notice_dead_clients(db)
+    outcomes = kill_mid_write(db, slow_insert(engine), TRIALS, 0)
+    assert [o["raised"] for o in outcomes] == ["WorkerCrashedError"] * TRIALS, outcomes  # each future raises
+    # Not left Running on the server: the driver records the crash.
+    assert [task_run_state(o["task_run_id"]) for o in outcomes] == ["CRASHED"] * TRIALS
+    for pid in {pid for out in outcomes for pid in out["victims"]}:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    # Long enough for a replay of the last kill to start and finish; none may.
     time.sleep(6)
     assert workers_running(f"{engine}.execute") == []
-    assert _count(db) == 0
+    if engine == "postgres":
+        wait_until(lambda: postgres_active_inserts(db) == 0)
+    assert _count(db) == 0  # no killed statement left a row behind
 
 
 @pytest.mark.parametrize("engine", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -107,24 +176,31 @@ def test_explicit_retries_opt_in_reaches_ray(request, engine):
     """Control: with_options(retries=1) lets Ray replay the killed write, so it lands."""
     db = request.getfixturevalue(f"{engine}_db")
     db.init_schema("CREATE TABLE t (x INTEGER)")
-    out = kill_mid_write(db, SQLITE_SLOW_INSERT if engine == "sqlite" else POSTGRES_SLOW_INSERT, 1)
-    assert _count(db) == (6_000_000 if engine == "sqlite" else 1), out
+    [out] = kill_mid_write(db, slow_insert(engine), 1, 1)
+    assert _count(db) == (6_000_000 if engine == "sqlite" else 3_000_000), out
     assert out["raised"] is None and task_run_state(out["task_run_id"]) == "COMPLETED"
+
+
+def read_marker(path: str) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
 
 
 @flow(task_runner=RayTaskRunner())
 def kill_after_commit(db: DatabaseNode, trials: int, marker_dir: str) -> list[dict]:
+    """SIGKILL each write's worker after its COMMIT, before it returns; BATCH at a time.
+
+    Batches go through `.map`, so crashes of mapped futures are recorded too.
+    """
     outcomes = []
-    for trial in range(trials):
-        marker = os.path.join(marker_dir, f"committed-{trial}")
-        future = db.insert_then_hang.submit(trial, marker)
-        pid = int(wait_until(lambda: os.path.exists(marker) and open(marker).read()))
-        os.kill(pid, signal.SIGKILL)
-        try:
-            future.result(timeout=120)
-            outcomes.append({"raised": None})
-        except Exception as exc:  # noqa: BLE001 - the type is the observation
-            outcomes.append({"raised": type(exc).__name__, "task_run_id": str(future.task_run_id)})
+    for batch in batches(trials, BATCH):
+        markers = [os.path.join(marker_dir, f"committed-{trial}") for trial in batch]
+        futures = db.insert_then_hang.map(list(batch), markers)
+        pids = [int(wait_until(lambda m=m: read_marker(m))) for m in markers]
+        kill_all([psutil.Process(pid) for pid in pids])
+        outcomes += [outcome(future, pids) for future in futures]
     return outcomes
 
 
@@ -136,12 +212,11 @@ def test_killed_after_commit_is_applied_exactly_once(request, engine, tmp_path):
         db = CommitThenHangSQLiteNode(db_path=request.getfixturevalue("sqlite_path"))
     else:
         db = CommitThenHangPostgresNode(dsn=request.getfixturevalue("postgres_dsn"))
-    trials = 3
     with db:
         db.init_schema("CREATE TABLE t (x INTEGER)")
-        outcomes = kill_after_commit(db, trials, str(tmp_path))
-        assert [o["raised"] for o in outcomes] == ["WorkerCrashedError"] * trials
-        assert {task_run_state(o["task_run_id"]) for o in outcomes} == {"CRASHED"}
+        outcomes = kill_after_commit(db, TRIALS, str(tmp_path))
+        assert [o["raised"] for o in outcomes] == ["WorkerCrashedError"] * TRIALS, outcomes
+        assert [task_run_state(o["task_run_id"]) for o in outcomes] == ["CRASHED"] * TRIALS
         time.sleep(3)  # a replay would insert again
         rows = db.query("SELECT x, COUNT(*) AS n FROM t GROUP BY x ORDER BY x")
-    assert rows == [{"x": trial, "n": 1} for trial in range(trials)]  # committed once, never replayed
+    assert rows == [{"x": trial, "n": 1} for trial in range(TRIALS)]  # committed once, never replayed
