@@ -11,13 +11,16 @@ from chia_prefect._sql import ExecResult
 from chia_prefect.base import DatabaseNode
 from chia_prefect.errors import (
     ChiaPrefectError,
+    CommitOutcomeUnknownError,
     ConfigurationError,
+    ConnectionLostError,
     DatabaseNotFoundError,
     InvalidIdentifierError,
     InvalidOperationError,
     NetworkFilesystemError,
     NodeConnectionError,
     PlacementError,
+    StorageFullError,
     TransactionControlError,
 )
 from chia_prefect.members import MemberTask, read, write
@@ -27,7 +30,9 @@ from chia_prefect.sqlite import SQLiteConnectOptions, SQLiteNode
 
 __all__ = [
     "ChiaPrefectError",
+    "CommitOutcomeUnknownError",
     "ConfigurationError",
+    "ConnectionLostError",
     "DatabaseNode",
     "DatabaseNotFoundError",
     "ExecResult",
@@ -42,6 +47,7 @@ __all__ = [
     "PostgresNode",
     "SQLiteConnectOptions",
     "SQLiteNode",
+    "StorageFullError",
     "TransactionControlError",
     "read",
     "write",

@@ -2,8 +2,9 @@
 
 Every error the package raises on its own account derives from `ChiaPrefectError`.
 Driver errors (`sqlite3.Error`, `psycopg.Error`) pass through unchanged, except that a
-failing `transaction` op gets its index added and a failed Postgres connect is re-raised
-as `NodeConnectionError` without the DSN or password.
+failing `transaction` op gets its index added, a failed or lost Postgres connection is
+re-raised as `NodeConnectionError` without the DSN or password, and a full SQLite database
+or disk as `StorageFullError`.
 
     ChiaPrefectError
     ├── ConfigurationError (ValueError)      a block or call is configured wrongly
@@ -14,6 +15,9 @@ as `NodeConnectionError` without the DSN or password.
     │   └── TransactionControlError          BEGIN/COMMIT/... inside a member's SQL
     ├── DatabaseNotFoundError                a read on a SQLite file that does not exist
     ├── NodeConnectionError (ConnectionError) the database could not be reached
+    │   └── ConnectionLostError              the connection dropped mid-call; rolled back
+    │       └── CommitOutcomeUnknownError    it dropped while COMMIT was in flight
+    ├── StorageFullError (OSError)           SQLite: the database or disk is full
     ├── IntegrityCheckError                  PRAGMA integrity_check found damage
     └── MigrationError                       migrations cannot be loaded or applied as asked
         ├── SchemaAheadError                 the database has versions the code lacks
@@ -57,6 +61,21 @@ class DatabaseNotFoundError(ChiaPrefectError, FileNotFoundError):
 
 class NodeConnectionError(ChiaPrefectError, ConnectionError):
     """The database could not be reached. The message never contains credentials."""
+
+
+class ConnectionLostError(NodeConnectionError):
+    """The connection dropped during a call (server restart, network). The server rolled
+    back whatever was not committed; the next call opens a new connection."""
+
+
+class CommitOutcomeUnknownError(ConnectionLostError):
+    """The connection dropped while COMMIT was in flight: the transaction may or may not
+    have been applied. Check the data before running it again."""
+
+
+class StorageFullError(ChiaPrefectError, OSError):
+    """SQLite could not write: the database reached its page limit or the disk is full.
+    The transaction was rolled back; earlier data is intact."""
 
 
 class MigrationError(ChiaPrefectError):

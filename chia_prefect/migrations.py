@@ -195,9 +195,16 @@ def _apply(node: DatabaseNode, migration: Migration) -> bool:
     try:
         node.transaction(ops)
     except Exception as exc:
-        if getattr(exc, "op_index", None) != len(lock):  # not the version row's insert
+        index = getattr(exc, "op_index", None)
+        if index == len(lock):  # the version row's insert: another run got there first
+            return False
+        if index is None or index < len(lock):
             raise
-        return False  # its version row exists: another run got there first
+        statement = index - len(lock)  # 1-based among the migration's statements
+        raise MigrationError(
+            f"{node.label}: migration {migration.label} failed at its statement {statement} and was "
+            f"rolled back; the schema and version are as before. {type(exc).__name__}: {exc}"
+        ) from exc
     return True
 
 

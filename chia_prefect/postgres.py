@@ -37,7 +37,9 @@ from chia_prefect._sql import (
 )
 from chia_prefect.base import DatabaseNode
 from chia_prefect.errors import (
+    CommitOutcomeUnknownError,
     ConfigurationError,
+    ConnectionLostError,
     InvalidIdentifierError,
     NodeConnectionError,
 )
@@ -187,6 +189,16 @@ class PostgresNode(DatabaseNode):
             ) from None
         try:
             yield conn
+        except psycopg.OperationalError as exc:
+            if not conn.broken:
+                raise
+            lost = f"the connection to {self._where(params)} was lost ({self.scrub(str(exc)).strip()})"
+            error = ConnectionLostError(
+                f"{self.label}: {lost}; the server rolled back whatever this call had not "
+                "committed. The next call opens a new connection."
+            )
+            error.detail = lost
+            raise error from None
         finally:
             conn.close()
 
@@ -197,8 +209,19 @@ class PostgresNode(DatabaseNode):
 
     @contextmanager
     def _atomic(self, connect_opts: dict | None) -> Iterator[Any]:
-        with self.connect(connect_opts=connect_opts) as conn, conn.transaction():
-            yield conn.cursor()
+        """One transaction; a connection lost before COMMIT was sent means nothing applied."""
+        committing = False
+        try:
+            with self.connect(connect_opts=connect_opts) as conn, conn.transaction():
+                yield conn.cursor()
+                committing = True  # leaving the block sends COMMIT
+        except ConnectionLostError as exc:
+            if not committing:
+                raise
+            raise CommitOutcomeUnknownError(
+                f"{self.label}: {exc.detail} while COMMIT was in flight, so the transaction may "
+                "or may not have been applied: check the data before running it again."
+            ) from None
 
     def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict | None) -> list[dict]:
         check_single_params(params, "query")

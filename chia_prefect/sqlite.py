@@ -40,6 +40,7 @@ from chia_prefect.base import DatabaseNode
 from chia_prefect.errors import (
     DatabaseNotFoundError,
     NetworkFilesystemError,
+    StorageFullError,
     TransactionControlError,
 )
 from chia_prefect.members import read, write
@@ -71,6 +72,11 @@ class SQLiteConnectOptions(BaseModel):
     )
     foreign_keys: bool = Field(
         default=True, title="Foreign keys", description="Enforce foreign key constraints.",
+    )
+    max_page_count: int | None = Field(
+        default=None, ge=1, title="Page limit",
+        description="Cap the file at this many pages (PRAGMA max_page_count); a write past it "
+        "fails with StorageFullError and is rolled back. Empty: SQLite's own limit.",
     )
     allow_network_fs: bool = Field(
         default=False, title="Allow a network filesystem",
@@ -151,6 +157,13 @@ class SQLiteNode(DatabaseNode):
         conn = self._open(opts, read_only)
         try:
             yield conn
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                raise
+            raise StorageFullError(
+                f"{self.label}: {exc}; the transaction was rolled back and earlier data is intact. "
+                "Free disk space on the node's machine, or raise connect_opts max_page_count."
+            ) from None
         finally:
             conn.close()
 
@@ -177,6 +190,8 @@ class SQLiteNode(DatabaseNode):
             conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {opts.synchronous}")
         conn.execute(f"PRAGMA foreign_keys = {'ON' if opts.foreign_keys else 'OFF'}")
+        if opts.max_page_count is not None:
+            conn.execute(f"PRAGMA max_page_count = {int(opts.max_page_count)}")
         if read_only:
             conn.execute("PRAGMA query_only = ON")
         return conn

@@ -101,3 +101,17 @@ class CommitThenHangPostgresNode(PostgresNode):
         with self._atomic(connect_opts) as cur:
             cur.execute("INSERT INTO t (x) VALUES (%s)", (value,))
         _signal_and_wait(marker)
+
+
+class LosesConnectionAtCommitPostgresNode(PostgresNode):
+    """Its server connection is terminated just before COMMIT goes out."""
+
+    @write
+    def insert_then_lose(self, value: int, *, connect_opts: dict | None = None) -> None:
+        import psycopg
+
+        with self._atomic(connect_opts) as cur:
+            cur.execute("INSERT INTO t (x) VALUES (%s)", (value,))
+            pid = cur.connection.info.backend_pid
+            with psycopg.connect(self.dsn.get_secret_value(), autocommit=True) as other:
+                other.execute("SELECT pg_terminate_backend(%s)", (pid,))

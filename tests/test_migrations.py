@@ -113,8 +113,9 @@ def test_failing_migration_changes_nothing(any_db, migrations):
     migrate(any_db, migrations)
     before_schema, before = any_db.schema(), versions(any_db)
     bad = Migration(4, "half_broken", "CREATE TABLE extra (x INTEGER);\nALTER TABLE no_such_table ADD COLUMN y INTEGER;")
-    with pytest.raises(Exception, match="no_such_table|no such table"):
+    with pytest.raises(MigrationError, match="no_such_table|no such table") as info:
         migrate(any_db, [*migrations, bad])
+    assert "migration 0004_half_broken failed at its statement 2 and was rolled back" in str(info.value)
     assert versions(any_db) == before and any_db.schema() == before_schema
     assert "extra" not in tables(any_db)
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import traceback
 
 import pytest
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.utilities.asyncutils import run_coro_as_sync
+from prefect_ray import RayTaskRunner
 from pydantic import ValidationError
 
 from chia_prefect import ConfigurationError, NodeConnectionError, PostgresNode
+from chia_prefect.migrations import Migration, migrate
 
 PASSWORD = "Zs3cr3t-Pw-4242"
 
@@ -62,17 +66,33 @@ def test_connection_error_names_target_not_password(caplog):
     assert_clean(caplog.text)
 
 
-@flow
+@flow(task_runner=RayTaskRunner())
 def failing_flow(block_name: str) -> None:
     PostgresNode.load(block_name).query("SELECT 1")
 
 
-@flow
+@flow(task_runner=RayTaskRunner())
+def failing_migration_flow(block_name: str) -> None:
+    node = PostgresNode.load(block_name)
+    migrate(node, [Migration(1, "ok", "CREATE TABLE kept (x INTEGER)"),
+                   Migration(2, "broken", "CREATE TABLE oops (x NO_SUCH_TYPE)")])
+
+
+@flow(task_runner=RayTaskRunner())
 def succeeding_flow(block_name: str) -> int:
-    return PostgresNode.load(block_name).query_value("SELECT 1")
+    node = PostgresNode.load(block_name)
+    migrate(node, [Migration(1, "ok", "CREATE TABLE kept (x INTEGER)"),
+                   Migration(2, "more", "ALTER TABLE kept ADD COLUMN y TEXT")])
+    node.execute("INSERT INTO kept (x, y) VALUES (%s, %s)", (1, "one"))
+    # What a user might publish about the node: its repr goes into an artifact.
+    create_markdown_artifact(f"# Node\n\n`{node!r}`\n\n{node}", key="node-summary")
+    return node.query_value("SELECT COUNT(*) FROM kept")
 
 
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_cluster")
 def test_flow_runs_leave_no_password(caplog, postgres_dsn):
+    """Everything a failing and a succeeding flow leave behind, scanned for the password."""
     import psycopg
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -81,33 +101,52 @@ def test_flow_runs_leave_no_password(caplog, postgres_dsn):
     # A role with a password on the real server (the embedded one trusts local sockets).
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         conn.execute(f"DROP ROLE IF EXISTS pw_user; CREATE ROLE pw_user LOGIN PASSWORD '{PASSWORD}'")
+        conn.execute("GRANT ALL ON SCHEMA public TO pw_user")
     parts = {**conninfo_to_dict(postgres_dsn), "user": "pw_user", "password": PASSWORD}
     PostgresNode(dsn=make_conninfo(**parts)).save("secret-good", overwrite=True)
 
     bad = failing_flow("secret-bad", return_state=True)
     assert bad.is_failed()
+    bad_migration = failing_migration_flow("secret-good", return_state=True)
+    assert bad_migration.is_failed()
     good = succeeding_flow("secret-good", return_state=True)
     assert good.is_completed() and good.result() == 1
+    states = (bad, bad_migration, good)
 
-    async def everything_recorded() -> str:
+    async def everything_recorded() -> tuple[str, dict]:
         async with get_client() as client:
-            texts = []
-            for state in (bad, good):
-                run = await client.read_flow_run(state.state_details.flow_run_id)
-                texts += [run.model_dump_json(), state.message or ""]
+            texts, counts = [], {"flow_runs": 0, "logs": 0, "task_runs": 0, "artifacts": 0, "documents": 0}
+            runs = await client.read_flow_runs()  # the flows and their migrate subflows
+            ids = {state.state_details.flow_run_id for state in states}
+            runs = [r for r in runs if r.id in ids or (r.parent_task_run_id is not None)]
+            for run in runs:
+                texts += [run.model_dump_json()]
                 logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
                 texts += [log.message for log in logs]
-                tasks = await client.read_task_runs()
-                texts += [t.model_dump_json() for t in tasks]
+                counts["logs"] += len(logs)
+            counts["flow_runs"] = len(runs)
+            texts += [state.message or "" for state in states]
+            tasks = await client.read_task_runs()
+            texts += [t.model_dump_json() for t in tasks]
+            counts["task_runs"] = len(tasks)
+            artifacts = await client.read_artifacts()
+            texts += [a.model_dump_json() for a in artifacts]
+            counts["artifacts"] = len(artifacts)
             for name in ("secret-bad", "secret-good"):
                 doc = await client.read_block_document_by_name(name, "postgres-node", include_secrets=False)
                 texts.append(doc.model_dump_json())
-            return "\n".join(texts)
+                counts["documents"] += 1
+            return "\n".join(texts), counts
 
-    recorded = run_coro_as_sync(everything_recorded())
+    recorded, counts = run_coro_as_sync(everything_recorded())
+    print(f"scanned: {counts}, {len(recorded)} characters")
     assert "127.0.0.1:1" in recorded  # the failure is there, named by its target
-    assert_clean(recorded)
+    assert "NO_SUCH_TYPE" in recorded and "Migration outcome" in recorded and "node-summary" in recorded
+    assert counts["artifacts"] >= 4 and counts["logs"] > 0
+    assert recorded.count(PASSWORD) == 0
     assert_clean(caplog.text)
-    with pytest.raises(Exception) as info:
-        bad.result()
-    assert_clean(str(info.value))
+    for state in (bad, bad_migration):
+        with pytest.raises(Exception) as info:
+            state.result()
+        assert_clean(str(info.value))
+        assert_clean("".join(traceback.format_exception(info.value)))
