@@ -41,5 +41,5 @@ def test_sixteen_sqlite_writers_lose_nothing(sqlite_path):
 def test_sixteen_postgres_writers_on_one_row_exact(postgres_dsn):
     db = LoadPostgresNode(dsn=postgres_dsn, placement=Placement(require_colocated=False, num_cpus=0.05))
     db.init_schema("CREATE TABLE counter (id INTEGER PRIMARY KEY, value INTEGER NOT NULL); INSERT INTO counter VALUES (1, 0)")
-    assert postgres_bumpers(db, 200) == [200] * WRITERS
-    assert db.query_value("SELECT value FROM counter WHERE id = 1") == WRITERS * 200
+    assert postgres_bumpers(db, 500) == [500] * WRITERS
+    assert db.query_value("SELECT value FROM counter WHERE id = 1") == WRITERS * 500
