@@ -29,7 +29,14 @@ SQLITE_SLOW_INSERT = (
     "INSERT INTO t (x) WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
     "WHERE x < 6000000) SELECT ? FROM c"
 )
-POSTGRES_SLOW_INSERT = "INSERT INTO t (x) SELECT %s FROM generate_series(1, 3000000)"
+# 100k rows written, then a long sleep inside the same statement: a batch's first worker is
+# still mid-write when its last one starts, however slowly workers come up.
+POSTGRES_SLOW_INSERT = (
+    "INSERT INTO t (x) SELECT p.v FROM (SELECT %s::int AS v) p, LATERAL "
+    "(SELECT 1 FROM generate_series(1, 100000) UNION ALL SELECT 1 FROM pg_sleep(60)) s"
+)
+# The control is one trial, killed as soon as it runs; a replay must finish in reasonable time.
+POSTGRES_CONTROL_INSERT = "INSERT INTO t (x) SELECT %s FROM generate_series(1, 3000000)"
 
 
 def workers_running(task_name: str) -> list[psutil.Process]:
@@ -176,7 +183,7 @@ def test_explicit_retries_opt_in_reaches_ray(request, engine):
     """Control: with_options(retries=1) lets Ray replay the killed write, so it lands."""
     db = request.getfixturevalue(f"{engine}_db")
     db.init_schema("CREATE TABLE t (x INTEGER)")
-    [out] = kill_mid_write(db, slow_insert(engine), 1, 1)
+    [out] = kill_mid_write(db, SQLITE_SLOW_INSERT if engine == "sqlite" else POSTGRES_CONTROL_INSERT, 1, 1)
     assert _count(db) == (6_000_000 if engine == "sqlite" else 3_000_000), out
     assert out["raised"] is None and task_run_state(out["task_run_id"]) == "COMPLETED"
 
