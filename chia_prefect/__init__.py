@@ -26,6 +26,7 @@ from chia_prefect.errors import (
 from chia_prefect.members import MemberTask, read, write
 from chia_prefect.placement import Placement
 from chia_prefect.postgres import PostgresConnectOptions, PostgresNode
+from chia_prefect.runner import FastRayTaskRunner
 from chia_prefect.sqlite import SQLiteConnectOptions, SQLiteNode
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "DatabaseNode",
     "DatabaseNotFoundError",
     "ExecResult",
+    "FastRayTaskRunner",
     "InvalidIdentifierError",
     "InvalidOperationError",
     "MemberTask",

@@ -1,0 +1,333 @@
+"""`FastRayTaskRunner`: prefect-ray's `RayTaskRunner` without the per-task rebuilds.
+
+    from chia_prefect.runner import FastRayTaskRunner
+
+    @flow(task_runner=FastRayTaskRunner())
+    def nightly(): ...
+
+The stock runner, per submitted task, re-serialises every Prefect setting on the driver,
+makes (and Ray exports) a new remote function, and on the worker rebuilds the settings
+model and two API clients, each loading the CA bundle. None of that changes between tasks
+of a flow run. This runner keeps:
+
+- on the driver, the serialised settings per settings object (a new object, e.g. from
+  `temporary_settings`, gets a new entry), put once in Ray's object store;
+- one remote function for all tasks (Ray options are applied per call);
+- on each worker, the hydrated settings per driver entry, and one API client per
+  (API URL, key, auth) it has talked to.
+
+With no `PREFECT_API_URL` the driver runs a temporary Prefect server; workers on the same
+host are handed its URL instead of starting one each. Task runs, states, logs and results
+go through Prefect's own task engine as with the stock runner. If a Prefect internal this
+relies on is missing (a Prefect outside the tested range), it logs a warning once and
+submits through the stock path. Tested with prefect 3.8.x and prefect-ray 0.6.x.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import socket
+import sys
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from prefect.context import (
+    AssetContext,
+    EngineContext,
+    SettingsContext,
+    SyncClientContext,
+    TagsContext,
+    TaskRunContext,
+    serialize_context,
+)
+from prefect.futures import PrefectFuture
+from prefect.logging.loggers import get_logger
+from prefect.task_engine import run_task_async, run_task_sync
+from prefect.utilities.collections import visit_collection
+from prefect.utilities.engine import collect_task_run_inputs_sync
+from prefect_ray.context import RemoteOptionsContext
+from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
+
+logger = get_logger("chia_prefect.runner")
+
+# Everything the fast path touches beyond prefect-ray's public runner. Checked once per
+# process; a missing one sends every submit down the stock path.
+REQUIRED_INTERNALS: tuple[tuple[str, str], ...] = (
+    ("prefect.context", "serialize_context"),
+    ("prefect.context", "hydrated_context"),
+    ("prefect.context", "_deployment_id"),
+    ("prefect.context", "_deployment_parameters"),
+    ("prefect.context", "SettingsContext.__var__"),
+    ("prefect.context", "SyncClientContext.__var__"),
+    ("prefect.context", "AssetContext.from_task_and_inputs"),
+    ("prefect.task_engine", "run_task_sync"),
+    ("prefect.task_engine", "run_task_async"),
+    ("prefect_ray.task_runners", "RayTaskRunner._exchange_prefect_for_ray_futures"),
+    ("prefect.server.api.server", "SubprocessASGIServer._instances"),
+)
+CONTEXT_KEYS = frozenset({
+    "flow_run_context", "task_run_context", "tags_context", "settings_context",
+    "asset_context", "deployment_id", "deployment_parameters",
+})
+_SETTINGS_CACHE_SIZE = 16
+
+_fast_path_ok: bool | None = None
+_fast_path_lock = threading.Lock()
+
+
+def _missing_internals() -> list[str]:
+    missing = []
+    for module_name, dotted in REQUIRED_INTERNALS:
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in dotted.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            missing.append(f"{module_name}.{dotted}")
+    return missing
+
+
+def fast_path_available() -> bool:
+    """Whether this process can use the fast path (checked once, then remembered)."""
+    global _fast_path_ok
+    if _fast_path_ok is None:
+        with _fast_path_lock:
+            if _fast_path_ok is None:
+                missing = _missing_internals()
+                if not missing and set(serialize_context()) != CONTEXT_KEYS:
+                    missing.append("prefect.context.serialize_context (its keys changed)")
+                if missing:
+                    logger.warning(
+                        "FastRayTaskRunner: this Prefect lacks %s; submitting through the stock "
+                        "RayTaskRunner path (slower, equally correct). Tested with prefect 3.8.x.",
+                        ", ".join(missing),
+                    )
+                _fast_path_ok = not missing
+    return _fast_path_ok
+
+
+def _reset_fast_path_check() -> None:
+    """Forget the check (tests change `REQUIRED_INTERNALS`)."""
+    global _fast_path_ok
+    _fast_path_ok = None
+
+
+# ---------------------------------------------------------------- driver side
+
+class _SettingsEntry:
+    __slots__ = ("context", "key", "ref")
+
+    def __init__(self, context: SettingsContext, key: str, ref: Any) -> None:
+        self.context, self.key, self.ref = context, key, ref
+
+
+_driver_settings: OrderedDict[tuple[int, str], _SettingsEntry] = OrderedDict()
+_driver_lock = threading.Lock()
+
+
+def _ephemeral_api_url() -> str | None:
+    """The URL of the temporary Prefect server this process runs, if it runs one."""
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is None:
+        return None
+    for server in list(server_module.SubprocessASGIServer._instances.values()):
+        process = getattr(server, "server_process", None)
+        if getattr(server, "running", False) and process is not None and process.poll() is None:
+            return server.api_url
+    return None
+
+
+def _settings_entry(ray: Any) -> _SettingsEntry:
+    """The driver's serialised settings, once per settings object and Ray job."""
+    settings_ctx = SettingsContext.get()
+    job = ray.get_runtime_context().get_job_id()
+    cache_key = (id(settings_ctx), job)
+    with _driver_lock:
+        entry = _driver_settings.get(cache_key)
+        if entry is not None and entry.context is settings_ctx:
+            _driver_settings.move_to_end(cache_key)
+            return entry
+        payload = settings_ctx.serialize()
+        ephemeral = None
+        if not settings_ctx.settings.api.url:
+            ephemeral = (socket.gethostname(), _ephemeral_api_url())
+        key = uuid.uuid4().hex
+        # The reference keeps the object alive, so `id` is not reused while cached.
+        entry = _SettingsEntry(settings_ctx, key, ray.put((payload, ephemeral)))
+        _driver_settings[cache_key] = entry
+        while len(_driver_settings) > _SETTINGS_CACHE_SIZE:
+            _driver_settings.popitem(last=False)
+        return entry
+
+
+def _serialize_context_without_settings(asset_ctx_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`prefect.context.serialize_context` minus the settings, which travel cached."""
+    from prefect.context import _deployment_id, _deployment_parameters
+
+    flow_run_context = EngineContext.get()
+    task_run_context = TaskRunContext.get()
+    tags_context = TagsContext.get()
+    deployment_id = _deployment_id.get()
+    return {
+        "flow_run_context": flow_run_context.serialize() if flow_run_context else {},
+        "task_run_context": task_run_context.serialize() if task_run_context else {},
+        "tags_context": tags_context.serialize() if tags_context else {},
+        "settings_context": {},
+        "asset_context": AssetContext.from_task_and_inputs(**asset_ctx_kwargs).serialize(),
+        "deployment_id": str(deployment_id) if deployment_id else None,
+        "deployment_parameters": _deployment_parameters.get(),
+    }
+
+
+_remote_function: Any = None
+
+
+def _remote(ray: Any) -> Any:
+    """One Ray remote function for every task; options are given per call."""
+    global _remote_function
+    if _remote_function is None:
+        _remote_function = ray.remote(_run_prefect_task_fast)
+    return _remote_function
+
+
+class FastRayTaskRunner(RayTaskRunner):
+    """prefect-ray's `RayTaskRunner`, caching what does not change between tasks.
+
+    Takes the same arguments (`address`, `init_kwargs`). Futures, states and Ray options
+    (`prefect_ray.context.remote_options`) behave as with the stock runner.
+    """
+
+    def submit(  # type: ignore[override]
+        self,
+        task: Any,
+        parameters: dict[str, Any],
+        wait_for: Iterable[PrefectFuture[Any]] | None = None,
+        dependencies: dict[str, set[Any]] | None = None,
+    ) -> PrefectRayFuture[Any]:
+        if not self._started:
+            raise RuntimeError("The task runner must be started before submitting work.")
+        if not fast_path_available():
+            return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+        import ray
+
+        task_run_id = uuid.uuid4()
+        task_inputs = {
+            k: collect_task_run_inputs_sync(v, future_cls=PrefectRayFuture) for k, v in parameters.items()
+        }
+        context = _serialize_context_without_settings({
+            "task": task, "task_run_id": task_run_id, "task_inputs": task_inputs, "copy_to_child_ctx": True,
+        })
+        settings = _settings_entry(ray)
+        parameters, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
+        options = dict(RemoteOptionsContext.get().current_remote_options or {})
+        options["name"] = task.name
+        object_ref = _remote(ray).options(**options).remote(
+            *upstream_refs,
+            task=task,
+            task_run_id=task_run_id,
+            parameters=parameters,
+            wait_for=wait_for,
+            dependencies=dependencies,
+            context=context,
+            # Nested in a tuple, the reference is not resolved by Ray: a worker fetches it
+            # only the first time it sees the key.
+            settings=(settings.key, settings.ref),
+        )
+        return PrefectRayFuture(task_run_id=task_run_id, wrapped_future=object_ref)
+
+
+# ---------------------------------------------------------------- worker side
+
+_worker_settings: OrderedDict[str, SettingsContext] = OrderedDict()
+_worker_clients: dict[tuple[Any, ...], SyncClientContext] = {}
+_worker_lock = threading.Lock()
+
+
+def _worker_settings_context(key: str, ref: Any) -> SettingsContext:
+    with _worker_lock:
+        cached = _worker_settings.get(key)
+        if cached is not None:
+            _worker_settings.move_to_end(key)
+            return cached
+    import ray
+
+    payload, ephemeral = ray.get(ref)
+    settings_ctx = SettingsContext(**payload)
+    if ephemeral is not None:
+        host, url = ephemeral
+        if url and host == socket.gethostname():
+            # The driver's temporary server listens on 127.0.0.1: reachable from here only.
+            from prefect.settings import PREFECT_API_URL
+
+            settings_ctx = SettingsContext(
+                profile=settings_ctx.profile,
+                settings=settings_ctx.settings.copy_with_update(updates={PREFECT_API_URL: url}),
+            )
+    with _worker_lock:
+        _worker_settings[key] = settings_ctx
+        while len(_worker_settings) > _SETTINGS_CACHE_SIZE:
+            _worker_settings.popitem(last=False)
+    return settings_ctx
+
+
+def _worker_client(settings_ctx: SettingsContext) -> SyncClientContext | None:
+    """One started sync client per API this worker talks to (None: no API URL set)."""
+    api = settings_ctx.settings.api
+    if not api.url:
+        return None
+    secret = api.key.get_secret_value() if api.key else None
+    auth = api.auth_string.get_secret_value() if api.auth_string else None
+    client_key = (api.url, secret, auth)
+    with _worker_lock:
+        client_ctx = _worker_clients.get(client_key)
+        if client_ctx is None:
+            token = SettingsContext.__var__.set(settings_ctx)
+            try:
+                client_ctx = SyncClientContext()
+                client_ctx.client.__enter__()
+                if settings_ctx.settings.client.server_version_check_enabled:
+                    client_ctx.client.raise_for_api_version_mismatch_once()
+            finally:
+                SettingsContext.__var__.reset(token)
+            _worker_clients[client_key] = client_ctx
+    return client_ctx
+
+
+def _run_prefect_task_fast(
+    *upstream_refs: Any,
+    task: Any,
+    task_run_id: uuid.UUID,
+    context: dict[str, Any],
+    settings: tuple[str, Any],
+    parameters: dict[str, Any],
+    wait_for: Iterable[PrefectFuture[Any]] | None = None,
+    dependencies: dict[str, set[Any]] | None = None,
+) -> Any:
+    """The worker's half: the stock `_run_prefect_task` with cached settings and client."""
+    import ray
+
+    settings_ctx = _worker_settings_context(*settings)
+    parameters = visit_collection(
+        parameters, visit_fn=lambda x: ray.get(x) if isinstance(x, ray.ObjectRef) else x, return_data=True
+    )
+    run_kwargs: dict[str, Any] = {
+        "task": task, "task_run_id": task_run_id, "parameters": parameters, "wait_for": wait_for,
+        "dependencies": dependencies, "context": context, "return_type": "state",
+    }
+    settings_token = SettingsContext.__var__.set(settings_ctx)
+    try:
+        client_ctx = _worker_client(settings_ctx)
+        client_token = SyncClientContext.__var__.set(client_ctx) if client_ctx else None
+        try:
+            if task.isasync:
+                return asyncio.run(run_task_async(**run_kwargs))
+            return run_task_sync(**run_kwargs)
+        finally:
+            if client_token is not None:
+                SyncClientContext.__var__.reset(client_token)
+    finally:
+        SettingsContext.__var__.reset(settings_token)
