@@ -41,6 +41,7 @@ from chia_prefect.errors import (
     ConfigurationError,
     ConnectionLostError,
     InvalidIdentifierError,
+    InvalidOperationError,
     NodeConnectionError,
 )
 from chia_prefect.members import read, write
@@ -314,6 +315,38 @@ class PostgresNode(DatabaseNode):
         with self._atomic(connect_opts) as cur:
             return run_many(cur, sql, seq_of_params)
 
+    @write(batch=("rows",))
+    def copy_rows(
+        self, table: str, columns: list[str] | tuple[str, ...], rows: list, *, connect_opts: dict | None = None
+    ) -> ExecResult:
+        """Bulk insert `rows` into `table (columns)` with `COPY ... FROM STDIN`, all or nothing.
+
+        Several times faster than `executemany` of an INSERT for large batches. Each row is a
+        tuple or list with one value per column; a value the column refuses rolls it all back.
+        """
+        schema_name, table_name = _split_table(table)
+        if not isinstance(columns, (list, tuple)) or not columns:
+            raise InvalidOperationError(
+                f"copy_rows: columns must be a non-empty list of column names, got {columns!r}; nothing was executed.")
+        names = [validate_identifier(column, "column").lower() for column in columns]
+        check_rows(rows, "copy_rows")
+        width = len(names)
+        for index, row in enumerate(rows):
+            if not isinstance(row, (tuple, list)) or len(row) != width:
+                raise InvalidOperationError(
+                    f"copy_rows: row {index} must be a tuple of {width} values ({', '.join(names)}), "
+                    f"got {_describe_row(row)}; nothing was executed.")
+        from psycopg import sql as pgsql
+
+        statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
+            pgsql.Identifier(schema_name.lower(), table_name.lower()),
+            pgsql.SQL(", ").join(pgsql.Identifier(name) for name in names))
+        with self._atomic(connect_opts) as cur:
+            with cur.copy(statement) as copy:
+                for row in rows:
+                    copy.write_row(row)
+            return ExecResult(rowcount=len(rows))
+
     @write(batch=("ops",))
     def transaction(self, ops: list, *, connect_opts: dict | None = None) -> list[ExecResult]:
         """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
@@ -362,6 +395,12 @@ def _stream_dicts(cur: Any, sql: str, params: Any, limit: int) -> list[dict]:
     stream.close()  # cancels the rest of the result
     names = [c.name for c in cur.description] if cur.description else []
     return [dict(zip(names, row)) for row in rows]
+
+
+def _describe_row(row: object) -> str:
+    if isinstance(row, (tuple, list)):
+        return f"a {type(row).__name__} of {len(row)}"
+    return f"a {type(row).__name__}"
 
 
 def _split_table(table: object) -> tuple[str, str]:
