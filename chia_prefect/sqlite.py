@@ -8,9 +8,11 @@ instead of failing half-way), `synchronous=NORMAL`, foreign keys on. Reads set
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -77,6 +79,12 @@ class SQLiteConnectOptions(BaseModel):
         default=None, ge=1, title="Page limit",
         description="Cap the file at this many pages (PRAGMA max_page_count); a write past it "
         "fails with StorageFullError and is rolled back. Empty: SQLite's own limit.",
+    )
+    writer_queue: bool = Field(
+        default=True, title="Queue writers",
+        description="Writers on this machine take turns on a lock file beside the database "
+        "(DB_PATH-writers.lock) before BEGIN IMMEDIATE, waking as soon as the previous one "
+        "commits; SQLite's own busy wait polls with sleeps of up to 100 ms.",
     )
     allow_network_fs: bool = Field(
         default=False, title="Allow a network filesystem",
@@ -199,7 +207,8 @@ class SQLiteNode(DatabaseNode):
     @contextmanager
     def _atomic(self, connect_opts: dict | None) -> Iterator[sqlite3.Cursor]:
         """One write transaction: BEGIN IMMEDIATE, COMMIT on success, ROLLBACK on error."""
-        with self.connect(connect_opts=connect_opts) as conn:
+        opts: SQLiteConnectOptions = self.resolve_connect_opts(connect_opts)
+        with self._writer_turn(opts), self.connect(connect_opts=opts) as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn.cursor()
@@ -211,6 +220,29 @@ class SQLiteNode(DatabaseNode):
                     conn.execute("ROLLBACK")
                 raise
 
+    @contextmanager
+    def _writer_turn(self, opts: SQLiteConnectOptions) -> Iterator[None]:
+        """Wait for this machine's other writers of the file, in the kernel, not in sleeps."""
+        directory = os.path.dirname(self.db_path)
+        if not opts.writer_queue or not os.path.isdir(directory):
+            yield
+            return
+        if not opts.allow_network_fs:
+            _refuse_network_fs(self.db_path, self.label)  # before a lock file appears there
+        fd = os.open(f"{self.db_path}-writers.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        owned = True
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # Past the timeout the waiter thread owns the descriptor; BEGIN IMMEDIATE and
+                # the busy timeout then decide, as without the queue.
+                owned = _wait_for_flock(fd, opts.busy_timeout_s)
+            yield
+        finally:
+            if owned:
+                os.close(fd)  # releases the lock
+
     def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict | None) -> list[dict]:
         check_single_params(params, "query")
         with self.connect(read_only=True, connect_opts=connect_opts) as conn:
@@ -219,7 +251,8 @@ class SQLiteNode(DatabaseNode):
     def _run_script(self, script: str, connect_opts: dict | None) -> None:
         if not isinstance(script, str):
             raise TypeError(f"script must be a str, got {type(script).__name__}")
-        with self.connect(connect_opts=connect_opts) as conn:
+        opts: SQLiteConnectOptions = self.resolve_connect_opts(connect_opts)
+        with self._writer_turn(opts), self.connect(connect_opts=opts) as conn:
             conn.executescript(script)
 
     def _query_tool_session(self, caps: Any) -> Any:
@@ -356,6 +389,29 @@ def _run_one(cur: sqlite3.Cursor, sql: str, params: tuple | dict | None) -> Exec
     rows = fetch_dicts(cur) if cur.description else None
     lastrowid = cur.lastrowid if _INSERT.match(sql) else None
     return ExecResult(rowcount=cur.rowcount, lastrowid=lastrowid, rows=rows)
+
+
+def _wait_for_flock(fd: int, timeout: float) -> bool:
+    """Block on an exclusive flock for at most `timeout`; False hands `fd` to the waiter."""
+    acquired, abandoned = threading.Event(), threading.Event()
+    guard = threading.Lock()
+
+    def wait() -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with guard:
+            if abandoned.is_set():
+                os.close(fd)
+            else:
+                acquired.set()
+
+    threading.Thread(target=wait, name="sqlite-writer-queue", daemon=True).start()
+    if acquired.wait(timeout):
+        return True
+    with guard:
+        if acquired.is_set():
+            return True
+        abandoned.set()
+    return False
 
 
 def _refuse_network_fs(db_path: str, label: str) -> None:

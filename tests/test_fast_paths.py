@@ -1,0 +1,86 @@
+"""The speed paths stay correct: batch transport types, the SQLite writer queue."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import decimal
+import fcntl
+import multiprocessing
+import os
+import pickle
+import time
+
+import pytest
+
+from chia_prefect import SQLiteNode
+from chia_prefect.members import Batch
+
+Point = collections.namedtuple("Point", "x y")
+
+
+@pytest.mark.parametrize("rows", [
+    [(1, "a", 2.5, None, b"\x00", True, -(2**70))],
+    [{"id": 1, "tags": ["a", "b"]}],
+    ((1, 2), (3, 4)),
+    [(datetime.date(2020, 1, 2), datetime.datetime(2020, 1, 2, 3, 4, 5))],
+    [(decimal.Decimal("1.50"),)],
+    [Point(1, 2)],
+])
+def test_batches_arrive_with_the_types_they_left_with(rows):
+    out = pickle.loads(pickle.dumps(Batch(rows), protocol=5)).value
+    assert out == rows and type(out) is type(rows)
+    assert [type(v) for row in out for v in (row.values() if isinstance(row, dict) else row)] == \
+        [type(v) for row in rows for v in (row.values() if isinstance(row, dict) else row)]
+    assert [type(row) for row in out] == [type(row) for row in rows]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_writers_queue_on_a_lock_file_and_fall_back_after_the_timeout(sqlite_db):
+    sqlite_db.init_schema("CREATE TABLE IF NOT EXISTS q (id INTEGER PRIMARY KEY, v TEXT)")
+    lock_path = f"{sqlite_db.db_path}-writers.lock"
+    assert os.path.exists(lock_path)
+    fds = _open_fds()
+    holder = os.open(lock_path, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another writer's turn that does not end
+    try:
+        start = time.monotonic()
+        sqlite_db.execute("INSERT INTO q (v) VALUES (?)", ("after the wait",), connect_opts={"busy_timeout_s": 0.3})
+        waited = time.monotonic() - start
+    finally:
+        os.close(holder)
+    assert waited >= 0.3  # it waited for its turn, then went ahead under SQLite's own lock
+    deadline = time.monotonic() + 5
+    while _open_fds() > fds and time.monotonic() < deadline:  # the abandoned waiter closes its fd
+        time.sleep(0.05)
+    assert _open_fds() == fds
+    sqlite_db.execute("INSERT INTO q (v) VALUES (?)", ("no wait",))
+    assert sqlite_db.query_value("SELECT count(*) FROM q") == 2
+
+
+def test_the_queue_can_be_turned_off(tmp_path):
+    db = SQLiteNode(db_path=str(tmp_path / "off.db"), connect_opts={"writer_queue": False})
+    db.init_schema("CREATE TABLE q (id INTEGER PRIMARY KEY)")
+    db.execute("INSERT INTO q DEFAULT VALUES")
+    assert not os.path.exists(f"{db.db_path}-writers.lock")
+
+
+def _writer(path: str, writer: int, n: int) -> int:
+    db = SQLiteNode(db_path=path)
+    for i in range(n):
+        db.execute("INSERT INTO w (writer, seq) VALUES (?, ?)", (writer, i))
+    return n
+
+
+def test_concurrent_processes_write_everything_with_no_lock_errors(tmp_path):
+    db = SQLiteNode(db_path=str(tmp_path / "w.db"))
+    db.init_schema("CREATE TABLE w (writer INTEGER, seq INTEGER, PRIMARY KEY (writer, seq))")
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        done = pool.starmap(_writer, [(db.db_path, k, 150) for k in range(4)])
+    assert done == [150] * 4
+    assert db.query_value("SELECT count(*) FROM w") == 600
+    assert db.query("SELECT writer, count(*) AS n, max(seq) AS top FROM w GROUP BY writer ORDER BY writer") == [
+        {"writer": k, "n": 150, "top": 149} for k in range(4)]
