@@ -162,11 +162,21 @@ class RssSampler:
 
 # ------------------------------------------------------------------ sections
 
+def wait_until_quiet(threshold: float = 15.0, timeout: float = 60.0) -> None:
+    """Let the Prefect server finish recording the last section's events before timing more."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and psutil.cpu_percent(interval=1.0) > threshold:
+        pass
+
+
 def bench_latency(work: Path, n_seq: int, n_par: int) -> dict[str, Any]:
     import ray
 
     out: dict[str, Any] = {}
     for name, cls in RUNNERS.items():
+        wait_until_quiet()
         flow = bf.latency.with_options(name=f"bench-latency-{name}", task_runner=cls())
         out[name] = flow(str(work / f"latency-{name}.db"), n_seq, n_par)
 
@@ -343,7 +353,8 @@ def print_report(report: dict[str, Any]) -> None:
           f"nodes {s['nodes_stock']:.2f} / sqlalchemy {s['sqlalchemy_stock']:.2f} (stock runner)")
     w = r["writers"]
     print(f"  {w['transactions']} write transactions: 1 writer {w['one']['seconds']:.2f}, 8 writers "
-          f"{w['eight']['seconds']:.2f} ({w['eight']['processes']} processes, {w['eight']['locked']} lock errors)")
+          f"{w['eight']['seconds']:.2f} ({w['eight']['processes']} processes, started within "
+          f"{w['eight']['start_spread'] * 1e3:.0f} ms, {w['eight']['locked']} lock errors)")
     print("\nratios")
     for name, value in report["ratios"].items():
         label = TARGETS[name][0] if name in TARGETS else name
@@ -389,6 +400,7 @@ def main() -> None:
                     ("writers", lambda: bench_writers(work, sizes["per_writer"])),
                 ]
                 for name, step in steps:
+                    wait_until_quiet()
                     t0 = time.perf_counter()
                     results[name] = step()
                     print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)

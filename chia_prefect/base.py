@@ -44,6 +44,7 @@ class DatabaseNode(Block, ABC):
 
     _placement_state: PlacementState = PrivateAttr(default_factory=PlacementState)
     _tools: list = PrivateAttr(default_factory=list)
+    _member_tasks: dict = PrivateAttr(default_factory=dict)  # bound once per node, by name
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -200,6 +201,7 @@ class DatabaseNode(Block, ABC):
         private = dict(state.get("__pydantic_private__") or {})
         private["_placement_state"] = PlacementState()
         private["_tools"] = []
+        private["_member_tasks"] = {}
         return {**state, "__pydantic_private__": private}
 
 

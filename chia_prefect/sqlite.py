@@ -208,7 +208,7 @@ class SQLiteNode(DatabaseNode):
     def _atomic(self, connect_opts: dict | None) -> Iterator[sqlite3.Cursor]:
         """One write transaction: BEGIN IMMEDIATE, COMMIT on success, ROLLBACK on error."""
         opts: SQLiteConnectOptions = self.resolve_connect_opts(connect_opts)
-        with self._writer_turn(opts), self.connect(connect_opts=opts) as conn:
+        with self.connect(connect_opts=opts) as conn, self._writer_turn(opts):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn.cursor()
@@ -252,7 +252,7 @@ class SQLiteNode(DatabaseNode):
         if not isinstance(script, str):
             raise TypeError(f"script must be a str, got {type(script).__name__}")
         opts: SQLiteConnectOptions = self.resolve_connect_opts(connect_opts)
-        with self._writer_turn(opts), self.connect(connect_opts=opts) as conn:
+        with self.connect(connect_opts=opts) as conn, self._writer_turn(opts):
             conn.executescript(script)
 
     def _query_tool_session(self, caps: Any) -> Any:

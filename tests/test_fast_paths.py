@@ -6,6 +6,7 @@ import collections
 import datetime
 import decimal
 import fcntl
+import gc
 import multiprocessing
 import os
 import pickle
@@ -27,12 +28,40 @@ Point = collections.namedtuple("Point", "x y")
     [(decimal.Decimal("1.50"),)],
     [Point(1, 2)],
 ])
-def test_batches_arrive_with_the_types_they_left_with(rows):
-    out = pickle.loads(pickle.dumps(Batch(rows), protocol=5)).value
+@pytest.mark.parametrize("how", ["protocol 4", "protocol 5", "out of band (as Ray sends it)"])
+def test_batches_arrive_with_the_types_they_left_with(rows, how):
+    if how == "out of band (as Ray sends it)":
+        buffers: list = []
+        payload = pickle.dumps(Batch(rows), protocol=5, buffer_callback=buffers.append)
+        out = pickle.loads(payload, buffers=buffers).value
+    else:
+        out = pickle.loads(pickle.dumps(Batch(rows), protocol=int(how[-1]))).value
     assert out == rows and type(out) is type(rows)
     assert [type(v) for row in out for v in (row.values() if isinstance(row, dict) else row)] == \
         [type(v) for row in rows for v in (row.values() if isinstance(row, dict) else row)]
     assert [type(row) for row in out] == [type(row) for row in rows]
+
+
+def test_unpacking_a_batch_leaves_garbage_collection_as_it_found_it():
+    payload = pickle.dumps(Batch([(1, "a")] * 10))
+    assert gc.isenabled()
+    pickle.loads(payload)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        pickle.loads(payload)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_member_is_bound_once_per_node_and_never_to_a_copy(tmp_path):
+    db = SQLiteNode(db_path=str(tmp_path / "a.db"))
+    assert db.execute is db.execute and db.query is not db.execute
+    copy = db.model_copy(update={"db_path": str(tmp_path / "b.db")})
+    assert copy.execute.node is copy and db.execute.node is db
+    shipped = pickle.loads(pickle.dumps(db))
+    assert shipped.execute.node is shipped
 
 
 def _open_fds() -> int:
