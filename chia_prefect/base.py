@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
@@ -22,6 +23,10 @@ from chia_prefect._sql import ExecResult, render_qmark
 from chia_prefect.errors import ConfigurationError
 from chia_prefect.members import Member, abstract_member
 from chia_prefect.placement import Placement, PlacementState, ray_options
+
+# The catalog logos ship in the package (chia_prefect/static) and are served from the repository.
+LOGO_BASE_URL = "https://raw.githubusercontent.com/chia-prefect/chia-prefect/main/chia_prefect/static"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 class DatabaseNode(Block, ABC):
@@ -39,8 +44,11 @@ class DatabaseNode(Block, ABC):
     # Postgres runs several statements per call; SQLite's driver refuses them.
     multi_statement: ClassVar[bool] = False
 
-    placement: Placement
-    connect_opts: BaseModel
+    # Each engine declares these fields after its own, so the UI form opens with what
+    # locates the database and leaves Ray placement and connection tuning below it.
+    if TYPE_CHECKING:
+        placement: Placement
+        connect_opts: BaseModel
 
     _placement_state: PlacementState = PrivateAttr(default_factory=PlacementState)
     _tools: list = PrivateAttr(default_factory=list)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Literal
 
+from chia_prefect._ui import ui_optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from chia_prefect.errors import PlacementError
@@ -25,7 +26,7 @@ _RESERVE_LOCK = threading.Lock()
 class Placement(BaseModel):
     """Where the members of a database node run on a Ray cluster."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Placement on Ray")
 
     require_colocated: bool = Field(
         default=True,
@@ -36,6 +37,7 @@ class Placement(BaseModel):
         ),
     )
     reserve_bundle: dict[str, float] | None = Field(
+        json_schema_extra=ui_optional,
         default=None,
         title="Bundle to reserve",
         description="Resources of the bundle reserved on first use; defaults to {'CPU': 0.5}.",
@@ -60,6 +62,7 @@ class Placement(BaseModel):
         description="How long to wait for the placement group; empty waits forever.",
     )
     node_id: str | None = Field(
+        json_schema_extra=ui_optional,
         default=None,
         title="Ray node id",
         description="Pin every member to this Ray node (hard affinity). Ids change when Ray restarts.",
@@ -70,6 +73,7 @@ class Placement(BaseModel):
         description="Pin every member to the Ray node of the process running the flow.",
     )
     node_ip: str | None = Field(
+        json_schema_extra=ui_optional,
         default=None,
         title="Node IP address",
         description="Pin every member to the machine with this IP (survives Ray restarts).",

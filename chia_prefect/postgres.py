@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from chia_prefect._ui import ui_optional
 from chia_prefect._sql import (
     ExecResult,
     check_limit,
@@ -35,7 +36,7 @@ from chia_prefect._sql import (
     validate_identifier,
     validate_type_decl,
 )
-from chia_prefect.base import DatabaseNode
+from chia_prefect.base import LOGO_BASE_URL, DatabaseNode
 from chia_prefect.errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
@@ -51,7 +52,7 @@ from chia_prefect.placement import Placement
 class PostgresConnectOptions(BaseModel):
     """How each PostgreSQL connection is opened."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Connection options")
 
     connect_timeout_s: int = Field(
         default=30, ge=1, title="Connect timeout (s)", description="How long to wait for the server.",
@@ -63,6 +64,7 @@ class PostgresConnectOptions(BaseModel):
     statement_timeout_ms: int | None = Field(
         default=None, ge=0, title="Statement timeout (ms)",
         description="Cancel a statement running longer than this; empty for no limit.",
+        json_schema_extra=ui_optional,
     )
     application_name: str | None = Field(
         default="chia-prefect", title="Application name",
@@ -88,7 +90,7 @@ class PostgresNode(DatabaseNode):
 
     _block_type_name = "Postgres Node"
     _block_type_slug = "postgres-node"
-    _logo_url = "https://www.postgresql.org/media/img/about/press/elephant.png"  # type: ignore[assignment]
+    _logo_url = f"{LOGO_BASE_URL}/postgres-node.png"  # type: ignore[assignment]
     _description = (
         "A PostgreSQL database whose operations run as Prefect tasks on Ray. Writes are "
         "never retried or replayed; reads run in a read-only session."
@@ -102,17 +104,35 @@ class PostgresNode(DatabaseNode):
     dsn: SecretStr | None = Field(
         default=None, title="DSN",
         description="A libpq URI or key=value string with credentials. Leave empty to use the fields below.",
+        json_schema_extra=ui_optional,
     )
-    host: str | None = Field(default=None, title="Host", description="Server host name, IP or socket directory.")
-    port: int | None = Field(default=None, title="Port", description="Server port; empty for 5432.")
-    dbname: str | None = Field(default=None, title="Database", description="Database name.")
-    user: str | None = Field(default=None, title="User", description="Role to connect as.")
-    password: SecretStr | None = Field(default=None, title="Password", description="Password of the role.")
+    host: str | None = Field(
+        default=None, title="Host", description="Server host name, IP or socket directory.",
+        json_schema_extra=ui_optional,
+    )
+    port: int | None = Field(
+        default=None, title="Port", description="Server port; empty for 5432.",
+        json_schema_extra=ui_optional,
+    )
+    dbname: str | None = Field(
+        default=None, title="Database", description="Database name.",
+        json_schema_extra=ui_optional,
+    )
+    user: str | None = Field(
+        default=None, title="User", description="Role to connect as.",
+        json_schema_extra=ui_optional,
+    )
+    password: SecretStr | None = Field(
+        default=None, title="Password", description="Password of the role.",
+        json_schema_extra=ui_optional,
+    )
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = Field(
         default=None, title="SSL mode", description="libpq sslmode; empty for the libpq default.",
+        json_schema_extra=ui_optional,
     )
     options: str | None = Field(
         default=None, title="Server options", description="libpq options, e.g. -c search_path=app.",
+        json_schema_extra=ui_optional,
     )
     placement: Placement = Field(
         default_factory=lambda: Placement(require_colocated=False),

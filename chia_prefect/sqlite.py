@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from chia_prefect._ui import ui_optional
 from chia_prefect._sql import (
     ExecResult,
     check_limit,
@@ -38,7 +39,7 @@ from chia_prefect._sql import (
     validate_identifier,
     validate_type_decl,
 )
-from chia_prefect.base import DatabaseNode
+from chia_prefect.base import LOGO_BASE_URL, DatabaseNode
 from chia_prefect.errors import (
     DatabaseNotFoundError,
     NetworkFilesystemError,
@@ -59,7 +60,7 @@ _NETWORK_FILESYSTEMS = frozenset(
 class SQLiteConnectOptions(BaseModel):
     """How each SQLite connection is opened."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Connection options")
 
     busy_timeout_s: float = Field(
         default=30.0, ge=0, title="Busy timeout (s)",
@@ -76,6 +77,7 @@ class SQLiteConnectOptions(BaseModel):
         default=True, title="Foreign keys", description="Enforce foreign key constraints.",
     )
     max_page_count: int | None = Field(
+        json_schema_extra=ui_optional,
         default=None, ge=1, title="Page limit",
         description="Cap the file at this many pages (PRAGMA max_page_count); a write past it "
         "fails with StorageFullError and is rolled back. Empty: SQLite's own limit.",
@@ -114,7 +116,7 @@ class SQLiteNode(DatabaseNode):
 
     _block_type_name = "SQLite Node"
     _block_type_slug = "sqlite-node"
-    _logo_url = "https://www.sqlite.org/images/sqlite370_banner.gif"  # type: ignore[assignment]
+    _logo_url = f"{LOGO_BASE_URL}/sqlite-node.png"  # type: ignore[assignment]
     _description = (
         "A SQLite database file whose operations run as Prefect tasks on Ray, on the machine "
         "that holds the file. Writes are never retried or replayed."
@@ -127,7 +129,12 @@ class SQLiteNode(DatabaseNode):
 
     db_path: str = Field(
         title="Database file",
-        description="Absolute path of the database file on the machine that runs the members.",
+        description=(
+            "Absolute path (starting with /) of the database file on the machine that runs the "
+            "members, e.g. /srv/data/app.db. init_schema creates the file and its directory."
+        ),
+        # The UI checks this before saving; the validator below says why in Python.
+        json_schema_extra={"pattern": "^/", "examples": ["/srv/data/app.db"]},
     )
     placement: Placement = Field(
         default_factory=lambda: Placement(require_colocated=True),

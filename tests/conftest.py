@@ -129,3 +129,11 @@ def any_db(request):
         return request.getfixturevalue("sqlite_db")
     return request.getfixturevalue("postgres_db")
 
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (the browser tests screenshot failures)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
@@ -18,19 +19,50 @@ from chia_prefect import (
     read,
     write,
 )
-from chia_prefect.base import member_names
+from chia_prefect.base import LOGO_BASE_URL, STATIC_DIR, member_names
 
 
-class TestSQLiteNodeStandard(BlockStandardTestSuite):
+def packaged_logo(url: str) -> Path:
+    """The file in the package that a block's logo URL serves (the tests have no internet)."""
+    assert url.startswith(LOGO_BASE_URL + "/"), url
+    return STATIC_DIR / url.rsplit("/", 1)[1]
+
+
+class LogoFromThePackage:
+    def test_has_a_valid_image(self, block) -> None:
+        """Prefect's own check (square, 46-999 px), on the file the URL serves."""
+        from PIL import Image
+
+        with Image.open(packaged_logo(str(block._logo_url))) as img:
+            assert img.format == "PNG"
+            assert img.width == img.height, "Logo should be a square image"
+            assert 1000 > img.width > 45
+
+
+class TestSQLiteNodeStandard(LogoFromThePackage, BlockStandardTestSuite):
     @pytest.fixture
     def block(self):
         return SQLiteNode
 
 
-class TestPostgresNodeStandard(BlockStandardTestSuite):
+class TestPostgresNodeStandard(LogoFromThePackage, BlockStandardTestSuite):
     @pytest.fixture
     def block(self):
         return PostgresNode
+
+
+def test_the_block_schema_carries_the_absolute_path_rule():
+    """Prefect's schema validation (POST /ui/schemas/validate) refuses a relative path.
+
+    Prefect 3.8's block form does not apply `pattern` (tests/test_ui.py shows it saving one);
+    loading such a block raises the validator's message instead.
+    """
+    from prefect.utilities.schema_tools.validation import validate
+
+    schema = SQLiteNode.model_json_schema()
+    assert validate({"db_path": "/srv/data/app.db"}, schema) == []
+    errors = validate({"db_path": "data/app.db"}, schema)
+    assert [e.message for e in errors] == ["'data/app.db' does not match '^/'"]
 
 
 def test_public_api_and_paramstyles():
