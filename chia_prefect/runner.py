@@ -68,6 +68,8 @@ REQUIRED_INTERNALS: tuple[tuple[str, str], ...] = (
     ("prefect.task_engine", "run_task_async"),
     ("prefect_ray.task_runners", "RayTaskRunner._exchange_prefect_for_ray_futures"),
     ("prefect.server.api.server", "SubprocessASGIServer._instances"),
+    ("prefect.events.worker", "EventsWorker._client_override"),
+    ("prefect.events.clients", "PrefectEventsClient"),
 )
 CONTEXT_KEYS = frozenset({
     "flow_run_context", "task_run_context", "tags_context", "settings_context",
@@ -319,6 +321,7 @@ def _run_prefect_task_fast(
         "dependencies": dependencies, "context": context, "return_type": "state",
     }
     settings_token = SettingsContext.__var__.set(settings_ctx)
+    events_previous = _send_events_to(settings_ctx)
     try:
         client_ctx = _worker_client(settings_ctx)
         client_token = SyncClientContext.__var__.set(client_ctx) if client_ctx else None
@@ -330,4 +333,32 @@ def _run_prefect_task_fast(
             if client_token is not None:
                 SyncClientContext.__var__.reset(client_token)
     finally:
+        if events_previous is not _NO_OVERRIDE:
+            from prefect.events.worker import EventsWorker
+
+            EventsWorker._client_override = events_previous
         SettingsContext.__var__.reset(settings_token)
+
+
+_NO_OVERRIDE = object()
+
+
+def _send_events_to(settings_ctx: SettingsContext) -> Any:
+    """Route this task's events (task runs are recorded from them) to the settings' API.
+
+    Prefect keeps one events worker per process for every non-Cloud API, bound to the URL
+    it saw first, so a worker that served another API before would send them there. Keyed
+    by URL they go where the task's settings say. A Ray worker runs one task at a time, so
+    the process-wide override lasts exactly this task. Returns the override to restore.
+    """
+    from prefect.events.clients import PrefectEventsClient
+    from prefect.events.worker import EventsWorker
+
+    settings = settings_ctx.settings
+    url = settings.api.url
+    cloud = settings.cloud.api_url
+    if not url or (cloud and str(url).startswith(str(cloud))):
+        return _NO_OVERRIDE  # Cloud's events worker is already keyed by URL and key
+    previous = EventsWorker._client_override
+    EventsWorker._client_override = (PrefectEventsClient, (("api_url", str(url)),))
+    return previous

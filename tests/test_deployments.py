@@ -116,7 +116,11 @@ def test_deploy_and_run_every_deployment(server, tmp_path):
         assert _sqlite(backups[0], "SELECT COUNT(*) FROM chia_schema_versions") == [(2,)]
     finally:
         worker.terminate()
-        worker.wait(30)
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:  # still draining its flow-run subprocess
+            worker.kill()
+            worker.wait(30)
 
 
 def _sqlite(path: Path, sql: str) -> list[tuple]:

@@ -123,8 +123,25 @@ def test_a_second_api_gets_its_own_client(tmp_path):
             with pytest.raises(ObjectNotFound):
                 client.read_flow_run(state.state_details.flow_run_id)  # it lives on the other server
             assert client.read_flow_run(back.state_details.flow_run_id).state.is_completed()
+            # Task runs are recorded from the workers' events: each server has its flow's.
+            assert _task_run_count(client, back.state_details.flow_run_id, 1) == 1
+        with temporary_settings({PREFECT_API_URL: other.api_url}), get_client(sync_client=True) as client:
+            assert _task_run_count(client, state.state_details.flow_run_id, 2) == 2
     finally:
         other.stop()
+
+
+def _task_run_count(client, flow_run_id, expected: int, timeout: float = 30) -> int:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline, count = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        count = len(runs)
+        if count >= expected:
+            return count
+        time.sleep(0.5)
+    return count
 
 
 def test_falls_back_to_the_stock_path_when_an_internal_is_missing(monkeypatch, caplog):
