@@ -39,15 +39,19 @@ ROOT = Path(__file__).resolve().parent.parent
 def _recorded(flow_run_id, expected_tasks: int, expected_logs: int, timeout: float = 30.0) -> dict:
     """Task runs and task logs of a flow run, once the API has them all."""
     deadline = time.monotonic() + timeout
+    seen = None
     while True:
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
         task_logs = [log for log in logs if log.task_run_id is not None]
         done = all(run.state and run.state.is_final() for run in runs)
-        if (len(runs) >= expected_tasks and len(task_logs) >= expected_logs and done) or time.monotonic() > deadline:
+        complete = len(runs) >= expected_tasks and len(task_logs) >= expected_logs and done
+        # Workers ship logs in batches: "complete" once the count also holds still for 3 s.
+        if (complete and seen == (len(runs), len(task_logs))) or time.monotonic() > deadline:
             break
-        time.sleep(0.5)
+        seen = (len(runs), len(task_logs)) if complete else None
+        time.sleep(3 if complete else 0.5)
     by_id = {run.id: run for run in runs}
     return {
         "runs": sorted(
