@@ -56,34 +56,33 @@ def median_of(repeat: int, fn: Any) -> float:
 
 # ------------------------------------------------------------------ raw baselines
 
-def raw_sqlite_ingest(path: str, rows: list[tuple]) -> float:
+def _raw_sqlite_timed(path: str, work: Any) -> float:
+    """Seconds `work(conn)` takes inside one BEGIN IMMEDIATE ... COMMIT, raw sqlite3 in WAL."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(bf.SCHEMA)
     start = time.perf_counter()
     conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(bf.INSERT, rows)
+    work(conn)
     conn.execute("COMMIT")
     elapsed = time.perf_counter() - start
     conn.close()
     return elapsed
+
+
+def raw_sqlite_ingest(path: str, rows: list[tuple]) -> float:
+    return _raw_sqlite_timed(path, lambda conn: conn.executemany(bf.INSERT, rows))
 
 
 def raw_sqlite_transaction(path: str, n_ops: int) -> float:
     ops = [(bf.INSERT, (i, f"op-{i}", float(i))) for i in range(n_ops)]
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute(bf.SCHEMA)
-    start = time.perf_counter()
-    conn.execute("BEGIN IMMEDIATE")
-    for sql, params in ops:
-        conn.execute(sql, params)
-    conn.execute("COMMIT")
-    elapsed = time.perf_counter() - start
-    conn.close()
-    return elapsed
+
+    def run(conn: sqlite3.Connection) -> None:
+        for sql, params in ops:
+            conn.execute(sql, params)
+
+    return _raw_sqlite_timed(path, run)
 
 
 RAW_MEMORY_SCRIPT = """
@@ -202,7 +201,7 @@ def bench_sqlite_ingest(work: Path, sizes: dict[str, int], repeat: int) -> dict[
     for label, n in sizes.items():
         rows = bf.make_rows(n)
         reps = repeat if n <= 200_000 else max(1, repeat - 1)
-        raw = median_of(reps, lambda: raw_sqlite_ingest(str(work / f"raw-{label}-{time.monotonic_ns()}.db"), rows))
+        raw = median_of(reps, lambda rows=rows: raw_sqlite_ingest(str(work / f"raw-{label}-{time.monotonic_ns()}.db"), rows))
         del rows
         runs = []
         sampler = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 
 def ui_optional(schema: dict[str, Any]) -> None:
     """Show an optional field as one plain input (left empty: None), not a type/null switch.
@@ -14,3 +16,8 @@ def ui_optional(schema: dict[str, Any]) -> None:
     if len(branches) == 1:
         del schema["anyOf"]
         schema.update(branches[0])
+
+
+def optional_field(title: str, description: str, **constraints: Any) -> Any:
+    """A field that defaults to None, drawn by the UI as one plain input (`ui_optional`)."""
+    return Field(default=None, title=title, description=description, json_schema_extra=ui_optional, **constraints)

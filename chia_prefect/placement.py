@@ -15,9 +15,9 @@ from __future__ import annotations
 import threading
 from typing import Any, Literal
 
-from chia_prefect._ui import ui_optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from chia_prefect._ui import optional_field
 from chia_prefect.errors import PlacementError
 
 _RESERVE_LOCK = threading.Lock()
@@ -36,9 +36,7 @@ class Placement(BaseModel):
             "SQLite, whose file lives on one disk."
         ),
     )
-    reserve_bundle: dict[str, float] | None = Field(
-        json_schema_extra=ui_optional,
-        default=None,
+    reserve_bundle: dict[str, float] | None = optional_field(
         title="Bundle to reserve",
         description="Resources of the bundle reserved on first use; defaults to {'CPU': 0.5}.",
     )
@@ -61,9 +59,7 @@ class Placement(BaseModel):
         title="Placement group timeout (s)",
         description="How long to wait for the placement group; empty waits forever.",
     )
-    node_id: str | None = Field(
-        json_schema_extra=ui_optional,
-        default=None,
+    node_id: str | None = optional_field(
         title="Ray node id",
         description="Pin every member to this Ray node (hard affinity). Ids change when Ray restarts.",
     )
@@ -72,9 +68,7 @@ class Placement(BaseModel):
         title="Pin to the flow's node",
         description="Pin every member to the Ray node of the process running the flow.",
     )
-    node_ip: str | None = Field(
-        json_schema_extra=ui_optional,
-        default=None,
+    node_ip: str | None = optional_field(
         title="Node IP address",
         description="Pin every member to the machine with this IP (survives Ray restarts).",
     )

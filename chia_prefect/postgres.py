@@ -20,7 +20,6 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from chia_prefect._ui import ui_optional
 from chia_prefect._sql import (
     ExecResult,
     check_limit,
@@ -36,6 +35,7 @@ from chia_prefect._sql import (
     validate_identifier,
     validate_type_decl,
 )
+from chia_prefect._ui import optional_field
 from chia_prefect.base import LOGO_BASE_URL, DatabaseNode
 from chia_prefect.errors import (
     CommitOutcomeUnknownError,
@@ -61,10 +61,9 @@ class PostgresConnectOptions(BaseModel):
         default=30000, ge=0, title="Lock timeout (ms)",
         description="How long a statement waits for a lock before failing; 0 waits forever.",
     )
-    statement_timeout_ms: int | None = Field(
-        default=None, ge=0, title="Statement timeout (ms)",
+    statement_timeout_ms: int | None = optional_field(
+        ge=0, title="Statement timeout (ms)",
         description="Cancel a statement running longer than this; empty for no limit.",
-        json_schema_extra=ui_optional,
     )
     application_name: str | None = Field(
         default="chia-prefect", title="Application name",
@@ -101,39 +100,19 @@ class PostgresNode(DatabaseNode):
     paramstyle: ClassVar[str] = "format"
     multi_statement: ClassVar[bool] = True
 
-    dsn: SecretStr | None = Field(
-        default=None, title="DSN",
+    dsn: SecretStr | None = optional_field(
+        title="DSN",
         description="A libpq URI or key=value string with credentials. Leave empty to use the fields below.",
-        json_schema_extra=ui_optional,
     )
-    host: str | None = Field(
-        default=None, title="Host", description="Server host name, IP or socket directory.",
-        json_schema_extra=ui_optional,
+    host: str | None = optional_field(title="Host", description="Server host name, IP or socket directory.")
+    port: int | None = optional_field(title="Port", description="Server port; empty for 5432.")
+    dbname: str | None = optional_field(title="Database", description="Database name.")
+    user: str | None = optional_field(title="User", description="Role to connect as.")
+    password: SecretStr | None = optional_field(title="Password", description="Password of the role.")
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = optional_field(
+        title="SSL mode", description="libpq sslmode; empty for the libpq default."
     )
-    port: int | None = Field(
-        default=None, title="Port", description="Server port; empty for 5432.",
-        json_schema_extra=ui_optional,
-    )
-    dbname: str | None = Field(
-        default=None, title="Database", description="Database name.",
-        json_schema_extra=ui_optional,
-    )
-    user: str | None = Field(
-        default=None, title="User", description="Role to connect as.",
-        json_schema_extra=ui_optional,
-    )
-    password: SecretStr | None = Field(
-        default=None, title="Password", description="Password of the role.",
-        json_schema_extra=ui_optional,
-    )
-    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = Field(
-        default=None, title="SSL mode", description="libpq sslmode; empty for the libpq default.",
-        json_schema_extra=ui_optional,
-    )
-    options: str | None = Field(
-        default=None, title="Server options", description="libpq options, e.g. -c search_path=app.",
-        json_schema_extra=ui_optional,
-    )
+    options: str | None = optional_field(title="Server options", description="libpq options, e.g. -c search_path=app.")
     placement: Placement = Field(
         default_factory=lambda: Placement(require_colocated=False),
         title="Placement on Ray",

@@ -23,7 +23,6 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from chia_prefect._ui import ui_optional
 from chia_prefect._sql import (
     ExecResult,
     check_limit,
@@ -39,6 +38,7 @@ from chia_prefect._sql import (
     validate_identifier,
     validate_type_decl,
 )
+from chia_prefect._ui import optional_field
 from chia_prefect.base import LOGO_BASE_URL, DatabaseNode
 from chia_prefect.errors import (
     DatabaseNotFoundError,
@@ -76,9 +76,8 @@ class SQLiteConnectOptions(BaseModel):
     foreign_keys: bool = Field(
         default=True, title="Foreign keys", description="Enforce foreign key constraints.",
     )
-    max_page_count: int | None = Field(
-        json_schema_extra=ui_optional,
-        default=None, ge=1, title="Page limit",
+    max_page_count: int | None = optional_field(
+        ge=1, title="Page limit",
         description="Cap the file at this many pages (PRAGMA max_page_count); a write past it "
         "fails with StorageFullError and is rolled back. Empty: SQLite's own limit.",
     )
@@ -133,7 +132,8 @@ class SQLiteNode(DatabaseNode):
             "Absolute path (starting with /) of the database file on the machine that runs the "
             "members, e.g. /srv/data/app.db. init_schema creates the file and its directory."
         ),
-        # The UI checks this before saving; the validator below says why in Python.
+        # For schema validation (Prefect's /ui/schemas/validate); Prefect 3.8's block form
+        # does not apply it, so the validator below is what refuses a relative path.
         json_schema_extra={"pattern": "^/", "examples": ["/srv/data/app.db"]},
     )
     placement: Placement = Field(
@@ -229,13 +229,14 @@ class SQLiteNode(DatabaseNode):
 
     @contextmanager
     def _writer_turn(self, opts: SQLiteConnectOptions) -> Iterator[None]:
-        """Wait for this machine's other writers of the file, in the kernel, not in sleeps."""
-        directory = os.path.dirname(self.db_path)
-        if not opts.writer_queue or not os.path.isdir(directory):
+        """Wait for this machine's other writers of the file, in the kernel, not in sleeps.
+
+        Entered with the connection open: `_open` has refused a network filesystem and a
+        missing directory, so the lock file lands beside a database that can be written.
+        """
+        if not opts.writer_queue:
             yield
             return
-        if not opts.allow_network_fs:
-            _refuse_network_fs(self.db_path, self.label)  # before a lock file appears there
         fd = os.open(f"{self.db_path}-writers.lock", os.O_RDWR | os.O_CREAT, 0o644)
         owned = True
         try:

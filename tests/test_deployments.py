@@ -57,6 +57,16 @@ def server(tmp_path_factory):
         proc.wait(30)
 
 
+def stop(process: subprocess.Popen) -> None:
+    """Stop a worker; one still draining its flow-run subprocess is killed after 60 s."""
+    process.terminate()
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(30)
+
+
 def cli(server, *args: str, timeout: float = 300) -> str:
     run = subprocess.run(args, cwd=ROOT, env=server["env"], capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, f"{args}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
@@ -115,12 +125,7 @@ def test_deploy_and_run_every_deployment(server, tmp_path):
         assert len(backups) == 1
         assert _sqlite(backups[0], "SELECT COUNT(*) FROM chia_schema_versions") == [(2,)]
     finally:
-        worker.terminate()
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:  # still draining its flow-run subprocess
-            worker.kill()
-            worker.wait(30)
+        stop(worker)
 
 
 def _sqlite(path: Path, sql: str) -> list[tuple]:

@@ -9,18 +9,17 @@ package, as the machine has no internet. On failure, a screenshot of the page is
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_deployments import BIN, ROOT, free_port, wait_healthy
+from test_deployments import BIN, ROOT, free_port, stop, wait_healthy
+from test_deployments import api as deployments_api
 
 from chia_prefect import SQLiteNode
 from chia_prefect.base import LOGO_BASE_URL, STATIC_DIR
@@ -105,11 +104,7 @@ def page(browser, request):
 
 
 def api(server, path: str, body: dict | None = None) -> object:
-    request = urllib.request.Request(
-        f"{server['api']}{path}", data=json.dumps(body).encode() if body is not None else None,
-        headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+    return deployments_api({"url": server["api"]}, path, body)
 
 
 def in_python(server, fn, *args):
@@ -257,15 +252,6 @@ def test_a_scheduled_deployment_run_shows_member_tasks_and_the_migration_artifac
     expect(page.get_by_text("migration-outcome").first).to_be_visible()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "scheduled-run-artifacts.png"))
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:  # a worker still draining its flow-run subprocess
-        process.kill()
-        process.wait(30)
 
 
 def _recorded_task_runs(server, flow_run_id: str, last: str = "sqlite.transaction") -> set[str]:
