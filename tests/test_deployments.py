@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -73,11 +74,24 @@ def cli(server, *args: str, timeout: float = 300) -> str:
     return run.stdout
 
 
-def api(server, path: str, body: dict | None = None) -> object:
-    request = urllib.request.Request(f"{server['url']}{path}", data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+def api(server, path: str, body: dict | None = None, attempts: int = 4) -> object:
+    """Read from the server's API (GET, or POST for the read-only /filter endpoints).
+
+    A server sharing 2 cores with a worker that is starting Ray can take longer than the 30 s
+    timeout to answer one request; the read is repeated instead of failing the test on it."""
+    for attempt in range(1, attempts + 1):
+        request = urllib.request.Request(f"{server['url']}{path}", data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except (TimeoutError, ConnectionError, urllib.error.URLError) as exc:
+            transient = not isinstance(exc, urllib.error.URLError) or isinstance(exc.reason, (TimeoutError, ConnectionError))
+            if not transient or isinstance(exc, urllib.error.HTTPError):
+                raise
+            if attempt == attempts:
+                raise AssertionError(f"{path}: no answer from {server['url']} in {attempts} tries of 30 s") from exc
+            time.sleep(2)
 
 
 def run_deployment(server, name: str, params: dict, worker_log) -> dict:
