@@ -201,7 +201,7 @@ def bench_sqlite_ingest(work: Path, sizes: dict[str, int], repeat: int) -> dict[
     for label, n in sizes.items():
         rows = bf.make_rows(n)
         reps = repeat if n <= 200_000 else max(1, repeat - 1)
-        raw = median_of(reps, lambda rows=rows: raw_sqlite_ingest(str(work / f"raw-{label}-{time.monotonic_ns()}.db"), rows))
+        raw = median_of(reps, lambda rows=rows, label=label: raw_sqlite_ingest(str(work / f"raw-{label}-{time.monotonic_ns()}.db"), rows))
         del rows
         runs = []
         sampler = None

@@ -32,7 +32,8 @@ import sys
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect.context import (
@@ -321,35 +322,29 @@ def _run_prefect_task_fast(
         "dependencies": dependencies, "context": context, "return_type": "state",
     }
     settings_token = SettingsContext.__var__.set(settings_ctx)
-    events_previous = _send_events_to(settings_ctx)
     try:
-        client_ctx = _worker_client(settings_ctx)
-        client_token = SyncClientContext.__var__.set(client_ctx) if client_ctx else None
-        try:
-            if task.isasync:
-                return asyncio.run(run_task_async(**run_kwargs))
-            return run_task_sync(**run_kwargs)
-        finally:
-            if client_token is not None:
-                SyncClientContext.__var__.reset(client_token)
+        with _events_sent_to(settings_ctx):
+            client_ctx = _worker_client(settings_ctx)
+            client_token = SyncClientContext.__var__.set(client_ctx) if client_ctx else None
+            try:
+                if task.isasync:
+                    return asyncio.run(run_task_async(**run_kwargs))
+                return run_task_sync(**run_kwargs)
+            finally:
+                if client_token is not None:
+                    SyncClientContext.__var__.reset(client_token)
     finally:
-        if events_previous is not _NO_OVERRIDE:
-            from prefect.events.worker import EventsWorker
-
-            EventsWorker._client_override = events_previous
         SettingsContext.__var__.reset(settings_token)
 
 
-_NO_OVERRIDE = object()
-
-
-def _send_events_to(settings_ctx: SettingsContext) -> Any:
+@contextmanager
+def _events_sent_to(settings_ctx: SettingsContext) -> Iterator[None]:
     """Route this task's events (task runs are recorded from them) to the settings' API.
 
     Prefect keeps one events worker per process for every non-Cloud API, bound to the URL
     it saw first, so a worker that served another API before would send them there. Keyed
     by URL they go where the task's settings say. A Ray worker runs one task at a time, so
-    the process-wide override lasts exactly this task. Returns the override to restore.
+    the process-wide override lasts exactly this task.
     """
     from prefect.events.clients import PrefectEventsClient
     from prefect.events.worker import EventsWorker
@@ -358,7 +353,11 @@ def _send_events_to(settings_ctx: SettingsContext) -> Any:
     url = settings.api.url
     cloud = settings.cloud.api_url
     if not url or (cloud and str(url).startswith(str(cloud))):
-        return _NO_OVERRIDE  # Cloud's events worker is already keyed by URL and key
+        yield  # Cloud's events worker is already keyed by URL and key
+        return
     previous = EventsWorker._client_override
     EventsWorker._client_override = (PrefectEventsClient, (("api_url", str(url)),))
-    return previous
+    try:
+        yield
+    finally:
+        EventsWorker._client_override = previous

@@ -130,7 +130,6 @@ def any_db(request):
     return request.getfixturevalue("postgres_db")
 
 
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     """Keep each phase's report on the test item (the browser tests screenshot failures)."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Any
+
 
 def sql_for(db, text: str) -> str:
     """Render `?` placeholders for the node's paramstyle; tests write qmark SQL."""
@@ -10,3 +14,17 @@ def sql_for(db, text: str) -> str:
 
 def id_column(db) -> str:
     return "INTEGER PRIMARY KEY" if db.engine == "sqlite" else "SERIAL PRIMARY KEY"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.02,
+               what: str | Callable[[], str] | None = None) -> Any:
+    """Poll `predicate` until it returns something truthy, and return that.
+
+    `what` names the wait in the timeout's message; a callable is asked only then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what or predicate}")

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -94,17 +95,22 @@ def api(server, path: str, body: dict | None = None, attempts: int = 4) -> objec
             time.sleep(2)
 
 
+def finished_run(server, run_filter: dict, worker_log, timeout: float) -> dict:
+    """The first flow run matching `run_filter` (a /flow_runs/filter body) to end, asserted COMPLETED."""
+    def ended() -> dict | None:
+        runs = api(server, "/flow_runs/filter", run_filter)
+        return next((r for r in runs if r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")), None)
+
+    run = wait_until(ended, timeout, interval=1,
+                     what=lambda: f"a flow run {run_filter} to end; worker log:\n{Path(worker_log).read_text()[-4000:]}")
+    assert run["state"]["type"] == "COMPLETED", (run["state"], Path(worker_log).read_text()[-4000:])
+    return run
+
+
 def run_deployment(server, name: str, params: dict, worker_log) -> dict:
     out = cli(server, str(BIN / "prefect"), "deployment", "run", name, "--params", json.dumps(params))
     run_id = next(line.split()[-1] for line in out.splitlines() if "UUID:" in line)
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:
-        run = api(server, f"/flow_runs/{run_id}")
-        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            assert run["state"]["type"] == "COMPLETED", (run["state"], Path(worker_log).read_text()[-4000:])
-            return run
-        time.sleep(1)
-    raise AssertionError(f"{name} did not finish: {Path(worker_log).read_text()[-4000:]}")
+    return finished_run(server, {"flow_runs": {"id": {"any_": [run_id]}}}, worker_log, timeout=400)
 
 
 def test_deploy_and_run_every_deployment(server, tmp_path):

@@ -16,6 +16,7 @@ import time
 
 import psutil
 import pytest
+from helpers import wait_until
 from prefect import flow
 from prefect_ray import RayTaskRunner
 
@@ -46,16 +47,6 @@ def workers_running(task_name: str) -> list[psutil.Process]:
         if cmdline.startswith(f"ray::{task_name}"):
             found.append(proc)
     return found
-
-
-def wait_until(predicate, timeout: float = 60.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
 
 
 def sqlite_reset_wal(db: DatabaseNode) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import runner_flows
+from helpers import wait_until
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -136,16 +137,12 @@ def test_a_second_api_gets_its_own_client(tmp_path):
 
 
 def _task_run_count(client, flow_run_id, expected: int, timeout: float = 30) -> int:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    deadline, count = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline:
+    """How many task runs the client's server records for the flow run, once it has `expected`."""
+    def count() -> int | None:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        count = len(runs)
-        if count >= expected:
-            return count
-        time.sleep(0.5)
-    return count
+        return len(runs) if len(runs) >= expected else None
+
+    return wait_until(count, timeout, interval=0.5, what=f"{expected} task runs of flow run {flow_run_id}")
 
 
 def test_falls_back_to_the_stock_path_when_an_internal_is_missing(monkeypatch, caplog):

@@ -13,12 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-from test_deployments import BIN, ROOT, free_port, stop, wait_healthy
+from helpers import wait_until
+from test_deployments import BIN, ROOT, finished_run, free_port, stop, wait_healthy
 from test_deployments import api as deployments_api
 
 from chia_prefect import SQLiteNode
@@ -225,7 +224,8 @@ def test_a_scheduled_deployment_run_shows_member_tasks_and_the_migration_artifac
         worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "ui-pool"], cwd=ROOT,
                                   env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        run = _wait_for_scheduled_run(ui_server, deployment_id, worker_log)
+        run = finished_run({"url": ui_server["api"]}, {"deployments": {"id": {"any_": [deployment_id]}}},
+                           worker_log, timeout=420)
     finally:
         stop(worker)
     assert run["auto_scheduled"] and run["state"]["type"] == "COMPLETED"
@@ -257,26 +257,12 @@ def test_a_scheduled_deployment_run_shows_member_tasks_and_the_migration_artifac
 def _recorded_task_runs(server, flow_run_id: str, last: str = "sqlite.transaction") -> set[str]:
     """Names (without the run suffix) of the flow run's task runs, once the API has them all:
     workers report them as events, recorded a moment after the flow run completes."""
-    deadline, names = time.monotonic() + 60, set()
-    while time.monotonic() < deadline:
+    def names() -> set[str] | None:
         runs = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
-        names = {r["name"].rsplit("-", 1)[0] for r in runs if r["state"] and r["state"]["type"] == "COMPLETED"}
-        if last in names:
-            return names
-        time.sleep(1)
-    return names
+        done = {r["name"].rsplit("-", 1)[0] for r in runs if r["state"] and r["state"]["type"] == "COMPLETED"}
+        return done if last in done else None
 
-
-def _wait_for_scheduled_run(server, deployment_id: str, worker_log: Path) -> dict:
-    deadline = time.monotonic() + 420
-    while time.monotonic() < deadline:
-        runs = api(server, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
-        done = [r for r in runs if r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
-        if done:
-            assert done[0]["state"]["type"] == "COMPLETED", (done[0]["state"], worker_log.read_text()[-4000:])
-            return done[0]
-        time.sleep(2)
-    raise AssertionError(f"no scheduled run finished: {worker_log.read_text()[-4000:]}")
+    return wait_until(names, 60, interval=1, what=f"task run {last} of flow run {flow_run_id} to be recorded")
 
 
 # Runs in a subprocess against the UI server: a block, a process pool, and a deployment of
