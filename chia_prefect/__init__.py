@@ -20,6 +20,8 @@ from chia_prefect.errors import (
     NetworkFilesystemError,
     NodeConnectionError,
     PlacementError,
+    PrivilegedRoleError,
+    SchedulingTimeoutError,
     StorageFullError,
     TransactionControlError,
 )
@@ -47,7 +49,9 @@ __all__ = [
     "PlacementError",
     "PostgresConnectOptions",
     "PostgresNode",
+    "PrivilegedRoleError",
     "SQLiteConnectOptions",
+    "SchedulingTimeoutError",
     "SQLiteNode",
     "StorageFullError",
     "TransactionControlError",

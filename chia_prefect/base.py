@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
+from chia_prefect import reservations
 from chia_prefect._sql import ExecResult, render_qmark
 from chia_prefect.errors import ConfigurationError
 from chia_prefect.members import Member, abstract_member
@@ -139,15 +140,19 @@ class DatabaseNode(Block, ABC):
     ) -> Any:
         """Serve `query(sql)` and `schema()` (and `execute(sql)` if `read_write`) over MCP.
 
-        Returns a `QueryTool` with the server's `url`; on Ray the server is an actor placed
-        like the members. `close()` stops it. `engine_options` go to the engine's session
-        (Postgres: `dsn=` for a SELECT-only role, `schemas=`).
+        Returns a `QueryTool` with the server's `url` and the bearer `token` every request
+        must carry (`tool.headers`); on Ray the server is an actor placed like the members,
+        else a thread on loopback. `close()` stops it, and so does the end of the flow run
+        that spawned it. `engine_options` go to the engine's session (Postgres: `dsn=` for a
+        SELECT-only role, `schemas=`, `allow_privileged_role=`).
         """
         from chia_prefect.query_tool import Caps, spawn
 
         caps = Caps(row_limit, cell_char_limit, total_char_limit, time_limit_s)
         tool = spawn(self, self._query_tool_session(caps, **engine_options), name, read_write)
         self._tools.append(tool)
+        # Inside a flow run the tool is stopped when the run ends, close() or not.
+        reservations.on_run_end(tool.stop)
         return tool
 
     @abstractmethod
@@ -176,7 +181,12 @@ class DatabaseNode(Block, ABC):
         self._placement_state.use(placement_group, bundle_index)
 
     def _ray_options(self) -> dict[str, Any]:
-        return ray_options(self.placement, self._placement_state, self.label)
+        return ray_options(self.placement, self._placement_state, self.label, self._reservation_key())
+
+    def _reservation_key(self) -> tuple:
+        """What identifies the database: nodes with the same key and placement share one
+        placement group. Engines narrow it (SQLite: the file)."""
+        return (self.engine, self.label)
 
     @property
     def reserved_placement_group(self) -> Any:
@@ -190,8 +200,9 @@ class DatabaseNode(Block, ABC):
         return f"{self.get_block_type_name()} '{name}'" if name else self.get_block_type_name()
 
     def close(self) -> None:
-        """Stop the query tools this node spawned, then release the placement group it
-        reserved (not one handed in): a tool's actor may live in that group. Idempotent."""
+        """Stop the query tools this node spawned, then release its hold on the placement
+        group it reserved (removed once no node of this process holds it; a group handed
+        in is never removed): a tool's actor may live in that group. Idempotent."""
         tools, self._tools = self._tools, []
         for tool in tools:
             tool.stop()

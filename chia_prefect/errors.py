@@ -9,7 +9,9 @@ or disk as `StorageFullError`.
     ChiaPrefectError
     ├── ConfigurationError (ValueError)      a block or call is configured wrongly
     │   ├── PlacementError                   conflicting or unusable placement options
-    │   └── NetworkFilesystemError           SQLite file on NFS/SMB/...: WAL would corrupt it
+    │   │   └── SchedulingTimeoutError       Ray could not place the work in bounded time
+    │   ├── NetworkFilesystemError           SQLite file on NFS/SMB/...: WAL would corrupt it
+    │   └── PrivilegedRoleError              a query tool's Postgres role can reach server files
     ├── InvalidOperationError (ValueError)   a member was called with input it refuses
     │   ├── InvalidIdentifierError           table/column/type rejected before any SQL
     │   └── TransactionControlError          BEGIN/COMMIT/... inside a member's SQL
@@ -39,8 +41,19 @@ class PlacementError(ConfigurationError):
     """Placement options conflict, or cannot be honoured on this Ray cluster."""
 
 
+class SchedulingTimeoutError(PlacementError):
+    """Ray could not schedule a member, a placement group or a query tool within the
+    node's timeout. The message says what was asked for, what the cluster has free and
+    which placement groups hold the rest; nothing was executed."""
+
+
 class NetworkFilesystemError(ConfigurationError):
     """A SQLite database path lies on a network filesystem."""
+
+
+class PrivilegedRoleError(ConfigurationError):
+    """A Postgres query tool's role is a superuser or may run server programs or touch
+    server files; `allow_privileged_role=True` overrides (dangerous)."""
 
 
 class InvalidOperationError(ChiaPrefectError, ValueError):

@@ -35,6 +35,10 @@ from prefect.futures import PrefectFutureList
 from prefect.utilities.annotations import unmapped
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 
+from chia_prefect import reservations
+from chia_prefect.errors import SchedulingTimeoutError
+from chia_prefect.scheduling import Watch, announce_start
+
 if TYPE_CHECKING:
     from chia_prefect.base import DatabaseNode
 
@@ -98,7 +102,7 @@ class Member:
         self.signature = inspect.signature(fn)
         self.__doc__ = fn.__doc__
         self.__isabstractmethod__ = abstract
-        self.runner = _make_runner(fn)
+        self.runner = _make_runner(fn, kind)
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -118,9 +122,10 @@ class Member:
         return f"<{self.kind} member {self.name}>"
 
 
-def _make_runner(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _make_runner(fn: Callable[..., Any], kind: Kind) -> Callable[..., Any]:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        announce_start(kind)  # on a Ray worker: a write the driver gave up on stops here
         return fn(*map(_unbox, args), **{k: _unbox(v) for k, v in kwargs.items()})
 
     return run
@@ -158,62 +163,79 @@ def _worker_death_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(errors, name) for name in names if hasattr(errors, name))
 
 
-def _report_crash(task: Task, flow_run_id: Any, task_run_id: Any, exc: BaseException) -> None:
-    """Tell the Prefect API the task run crashed: its worker cannot report anything now.
-
-    The worker reports its run through buffered events; one killed early never did, so a
-    run the API does not know is created in the Crashed state.
-    """
+def _report_state(task: Task, flow_run_id: Any, task_run_id: Any, state: Any) -> None:
+    """Tell the Prefect API how a task run ended when its worker cannot: it died, or the
+    member never started. A run the API does not know yet is created in that state."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectHTTPStatusError
-    from prefect.states import Crashed
 
-    message = f"The Ray worker running this task died ({type(exc).__name__}); the run was not retried."
     with get_client(sync_client=True) as client:
         try:
-            client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
+            client.set_task_run_state(task_run_id, state, force=True)
         except PrefectHTTPStatusError as error:
             if error.response.status_code != 404:
                 raise
             client.create_task_run(task, flow_run_id, dynamic_key=f"{task.task_key}-{task_run_id.hex}",
-                                   id=task_run_id, state=Crashed(message=message))
+                                   id=task_run_id, state=state, name=f"{task.name}-{task_run_id.hex[:3]}")
 
 
-class CrashReportingRayFuture(PrefectRayFuture):
-    """A member's future on Ray: a dead worker leaves the task run Crashed, not Running."""
+class MemberRayFuture(PrefectRayFuture):
+    """A member's future on Ray.
+
+    A member stuck in Ray's queue past the node's `schedule_timeout_s` is cancelled and
+    fails with `SchedulingTimeoutError`; a dead worker leaves the task run Crashed, not
+    Running.
+    """
 
     _task: Task | None = None
     _flow_run_id: Any = None
+    _watch: Watch | None = None
     _reported = False
 
-    def _check_death(self, timeout: float | None) -> None:
+    def _settle(self, timeout: float | None) -> float | None:
         import ray
+        from prefect.states import Crashed, Failed
 
         if self._final_state is not None or self._reported:
-            return
+            return timeout
+        if self._watch is not None:
+            try:
+                timeout = self._watch.wait(self.wrapped_future, self.task_run_id, timeout)
+            except SchedulingTimeoutError as exc:
+                self._reported, self._watch = True, None
+                self._final_state = Failed(message=str(exc), data=exc)
+                _report_state(self._task, self._flow_run_id, self.task_run_id, Failed(message=str(exc)))
+                return timeout
         try:
             ray.get(self.wrapped_future, timeout=timeout)
         except _worker_death_errors() as exc:
             self._reported = True
-            _report_crash(self._task, self._flow_run_id, self.task_run_id, exc)
+            message = f"The Ray worker running this task died ({type(exc).__name__}); the run was not retried."
+            _report_state(self._task, self._flow_run_id, self.task_run_id, Crashed(message=message))
         except Exception:  # noqa: BLE001 - other outcomes are the base class's business
             pass
+        return timeout
 
     def wait(self, timeout: float | None = None) -> None:
-        self._check_death(timeout)
-        super().wait(timeout)
+        timeout = self._settle(timeout)
+        if self._final_state is None:
+            super().wait(timeout)
 
     def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
-        self._check_death(timeout)
+        timeout = self._settle(timeout)
         return super().result(timeout=timeout, raise_on_failure=raise_on_failure)
 
 
-def _crash_reporting_future(future: Any, task: Task) -> Any:
+def _member_future(future: Any, task: MemberTask, watch: Watch | None) -> Any:
     if not isinstance(future, PrefectRayFuture):
         return future
-    wrapped = CrashReportingRayFuture(task_run_id=future.task_run_id, wrapped_future=future.wrapped_future)
+    wrapped = MemberRayFuture(task_run_id=future.task_run_id, wrapped_future=future.wrapped_future)
     flow_ctx = FlowRunContext.get()
     wrapped._task, wrapped._flow_run_id = task, flow_ctx.flow_run.id if flow_ctx and flow_ctx.flow_run else None
+    if watch is not None:
+        # One watch per future: each keeps its own deadline.
+        wrapped._watch = Watch(watch.options, watch.timeout_s, watch.what)
+        reservations.track_node(task._node._placement_state.token, future.wrapped_future)
     return wrapped
 
 
@@ -278,14 +300,14 @@ class MemberTask(Task):
     def submit(self, *args: Any, **kwargs: Any) -> Any:
         control = {k: kwargs.pop(k) for k in ("return_state", "wait_for") if k in kwargs}
         args, kwargs = self._bind_args(args, kwargs)
-        with self._remote_options():
-            return _crash_reporting_future(super().submit(*args, **control, **kwargs), self)
+        with self._remote_options() as watch:
+            return _member_future(super().submit(*args, **control, **kwargs), self, watch)
 
     def map(self, *args: Any, **kwargs: Any) -> Any:
-        with self._remote_options():
+        with self._remote_options() as watch:
             futures = super().map(unmapped(self._node), *args, **kwargs)
         if isinstance(futures, PrefectFutureList):
-            return PrefectFutureList(_crash_reporting_future(future, self) for future in futures)
+            return PrefectFutureList(_member_future(future, self, watch) for future in futures)
         return futures
 
     def _bind_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -301,9 +323,11 @@ class MemberTask(Task):
         return bound.args, bound.kwargs
 
     @contextmanager
-    def _remote_options(self) -> Iterator[None]:
+    def _remote_options(self) -> Iterator[Watch | None]:
+        """Ray options for submits on `RayTaskRunner`; yields the watch that bounds their
+        wait in Ray's queue (None elsewhere). The watch's gate exists before the submit."""
         if not on_ray_runner():
-            yield
+            yield None
             return
         from prefect_ray.context import remote_options
 
@@ -311,5 +335,6 @@ class MemberTask(Task):
         if self._member.kind == "write":
             # Ray replays a task whose worker died; a committed write would apply twice.
             options["max_retries"] = self.retries or 0
+        watch = Watch(options, self._node.placement.schedule_timeout_s, f"{self.name} on {self._node.label}")
         with remote_options(**options):
-            yield
+            yield watch

@@ -12,15 +12,13 @@ A `Placement` is configuration stored in the block. It becomes Ray `remote` opti
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from chia_prefect import reservations
 from chia_prefect._ui import optional_field
-from chia_prefect.errors import PlacementError
-
-_RESERVE_LOCK = threading.Lock()
+from chia_prefect.errors import PlacementError, SchedulingTimeoutError
 
 
 class Placement(BaseModel):
@@ -58,6 +56,16 @@ class Placement(BaseModel):
         gt=0,
         title="Placement group timeout (s)",
         description="How long to wait for the placement group; empty waits forever.",
+    )
+    schedule_timeout_s: float | None = Field(
+        default=60.0,
+        gt=0,
+        title="Scheduling timeout (s)",
+        description=(
+            "How long a member may wait in Ray's queue, with no member of its placement "
+            "starting, before it is cancelled with an error naming what holds the cluster; "
+            "empty waits forever."
+        ),
     )
     node_id: str | None = optional_field(
         title="Ray node id",
@@ -114,37 +122,46 @@ class Placement(BaseModel):
 
 
 class PlacementState:
-    """Run-time placement state of one node in the driver: never pickled to workers."""
+    """Run-time placement state of one node in the driver: never pickled to workers.
+
+    A group the node reserves lives in `reservations` (shared with other nodes of the same
+    database, released when its use ends); a group handed in is only referenced here.
+    """
 
     def __init__(self) -> None:
-        self.placement_group: Any = None
-        self.bundle_index: int | None = None
-        self.owns_group = False
+        self.token = reservations.new_token()
+        self.handed_in: Any = None
+        self.handed_in_index: int = 0
 
     def use(self, placement_group: Any, bundle_index: int) -> None:
-        self.placement_group, self.bundle_index, self.owns_group = placement_group, bundle_index, False
+        self.handed_in, self.handed_in_index = placement_group, bundle_index
+
+    @property
+    def placement_group(self) -> Any:
+        if self.handed_in is not None:
+            return self.handed_in
+        reservation = reservations.held_by(self.token)
+        return None if reservation is None else reservation.group
 
     def release(self) -> None:
-        """Remove the placement group if this node reserved it; idempotent."""
-        group, owned = self.placement_group, self.owns_group
-        self.placement_group, self.bundle_index, self.owns_group = None, None, False
-        if group is not None and owned:
-            import ray
-            from ray.util.placement_group import remove_placement_group
-
-            if ray.is_initialized():
-                remove_placement_group(group)
+        """Drop this node's holds (a group goes when nobody holds it); forget a handed-in
+        group without removing it. Idempotent."""
+        self.handed_in = None
+        reservations.release_node(self.token)
 
 
-def ray_options(placement: Placement, state: PlacementState, label: str) -> dict[str, Any]:
-    """Ray `remote` options that put a member where `placement` says."""
+def ray_options(placement: Placement, state: PlacementState, label: str, key: tuple = ()) -> dict[str, Any]:
+    """Ray `remote` options that put a member where `placement` says.
+
+    `key` identifies the database: nodes with the same key and placement share a group.
+    """
     from ray.util.scheduling_strategies import (
         NodeAffinitySchedulingStrategy,
         PlacementGroupSchedulingStrategy,
     )
 
     options: dict[str, Any] = {"num_cpus": placement.num_cpus}
-    if state.placement_group is not None and placement.mode == "node":
+    if state.handed_in is not None and placement.mode == "node":
         raise PlacementError(
             f"{label}: a placement group was handed in, but the block pins to a node; "
             "use one or the other."
@@ -156,11 +173,18 @@ def ray_options(placement: Placement, state: PlacementState, label: str) -> dict
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                 node_id=placement.node_id or _current_node_id(), soft=False
             )
-    elif state.placement_group is not None or placement.mode == "placement_group":
-        group = _placement_group(placement, state, label)
+    elif state.handed_in is not None or placement.mode == "placement_group":
+        if state.handed_in is not None:
+            group, index = state.handed_in, state.handed_in_index
+        else:
+            reservation = reservations.acquire(
+                (key or (label,), placement.model_dump_json()), state.token,
+                lambda name: _reserve(placement, label, name), label,
+            )
+            group, index = reservation.group, reservation.bundle_index
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=group,
-            placement_group_bundle_index=state.bundle_index,
+            placement_group_bundle_index=index,
             placement_group_capture_child_tasks=False,
         )
     return options
@@ -172,27 +196,23 @@ def _current_node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _placement_group(placement: Placement, state: PlacementState, label: str) -> Any:
-    with _RESERVE_LOCK:
-        if state.placement_group is None:
-            _reserve(placement, state, label)
-        return state.placement_group
-
-
-def _reserve(placement: Placement, state: PlacementState, label: str) -> None:
+def _reserve(placement: Placement, label: str, name: str) -> tuple[Any, int]:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    from chia_prefect.scheduling import cluster_report
+
     bundle = placement.reserve_bundle or {"CPU": max(0.5, placement.num_cpus)}
     bundles = [dict(bundle) for _ in range(placement.bundle_index + 1)]
-    group = placement_group(bundles, strategy=placement.pg_strategy)
+    group = placement_group(bundles, strategy=placement.pg_strategy, name=name)
     if placement.wait_for_pg:
         ready, _ = ray.wait([group.ready()], timeout=placement.pg_ready_timeout_s)
         if not ready:
             remove_placement_group(group)
-            raise PlacementError(
-                f"{label}: the placement group {bundles} was not ready within "
-                f"{placement.pg_ready_timeout_s} s; the cluster lacks the resources. "
-                "Lower reserve_bundle or free resources (close() unused nodes)."
+            raise SchedulingTimeoutError(
+                f"{label}: the placement group {bundles} ({placement.pg_strategy}) was not ready "
+                f"within {placement.pg_ready_timeout_s} s; the cluster lacks the resources. "
+                f"{cluster_report()} Lower reserve_bundle, free resources (close() unused "
+                "nodes, end the flows that hold them), or raise pg_ready_timeout_s."
             )
-    state.placement_group, state.bundle_index, state.owns_group = group, placement.bundle_index, True
+    return group, placement.bundle_index

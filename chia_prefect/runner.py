@@ -242,6 +242,16 @@ class FastRayTaskRunner(RayTaskRunner):
         )
         return PrefectRayFuture(task_run_id=task_run_id, wrapped_future=object_ref)
 
+    def __exit__(self, *exc_info: Any) -> None:
+        # The run's context is already reset: release what its nodes reserved now, before
+        # the stock runner may shut down a Ray it started.
+        from chia_prefect import reservations
+
+        try:
+            reservations.end_runs_of(self)
+        finally:
+            super().__exit__(*exc_info)
+
 
 # ---------------------------------------------------------------- worker side
 

@@ -164,6 +164,9 @@ class SQLiteNode(DatabaseNode):
     def label(self) -> str:
         return f"{super().label} ({self.db_path})"
 
+    def _reservation_key(self) -> tuple:
+        return (self.engine, self.db_path)
+
     # --- connections --------------------------------------------------------------------
 
     @contextmanager

@@ -50,7 +50,13 @@ def ray_cluster(prefect_api):
     )
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False},
+        head_node_args={
+            "num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False,
+            # Ray keeps as many idle workers as a node has CPUs (here 1) and kills the rest
+            # after 1 s; flows that use several nodes then restart workers (~2 s each) on
+            # every run. A real node has more CPUs than this test cluster's.
+            "_system_config": {"num_workers_soft_limit": 4},
+        },
     )
     worker = cluster.add_node(num_cpus=1, resources={"second": 1})
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)

@@ -10,8 +10,10 @@ from chia_prefect import PostgresNode, SQLiteNode, read, write
 def _where() -> dict:
     import ray
 
-    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    return {"node": node, "pid": os.getpid()}
+    context = ray.get_runtime_context() if ray.is_initialized() else None
+    node = context.get_node_id() if context else None
+    group = context.get_placement_group_id() if context else None
+    return {"node": node, "pid": os.getpid(), "group": group}
 
 
 class AlignmentDBNode(SQLiteNode):

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import ray
+from helpers import wait_until
 from nodes import ProbeSQLiteNode
 from prefect import flow
 from prefect_ray import RayTaskRunner
@@ -56,28 +57,72 @@ def test_node_ip_pin(sqlite_path):
     assert nodes_of(seen) <= alive
 
 
-def test_reserved_placement_group_on_first_use_and_close(ray_cluster, sqlite_path):
+def test_reserved_placement_group_on_first_use_released_when_the_run_ends(ray_cluster, sqlite_path):
     placement = Placement(reserve_bundle={"CPU": 0.5, "second": 0.1})
     db = ProbeSQLiteNode(db_path=sqlite_path, placement=placement)
     assert db.reserved_placement_group is None  # nothing reserved until placed use
     seen = where_flow(db)
-    group = db.reserved_placement_group
-    bundle_node = placement_group_table(group)["bundles_to_node_id"][0]
-    assert bundle_node == ray_cluster["second"] and nodes_of(seen) == {bundle_node}
-    assert where_flow(db) and db.reserved_placement_group is group  # reused, not re-reserved
+    groups = {s["group"] for s in seen}
+    assert len(groups) == 1  # one group for every member of the run
+    info = placement_group_table()[groups.pop()]
+    assert info["bundles_to_node_id"][0] == ray_cluster["second"] and nodes_of(seen) == {ray_cluster["second"]}
+    assert info["name"].startswith("chia-prefect: ") and sqlite_path in info["name"]
+    # No close(): the run that reserved the group released it when it ended.
+    wait_until(lambda: placement_group_table()[info["placement_group_id"]]["state"] == "REMOVED", timeout=5)
+    assert db.reserved_placement_group is None
+    again = {s["group"] for s in where_flow(db)}
+    assert again and again != {info["placement_group_id"]}  # the next run reserves anew
+    group = again.pop()
+    wait_until(lambda: placement_group_table()[group]["state"] == "REMOVED", timeout=5)
+
+
+@flow(task_runner=RayTaskRunner())
+def close_inside_flow(db: ProbeSQLiteNode) -> tuple[str, str]:
+    group = db.where()["group"]
     db.close()
     db.close()  # idempotent
+    return group, placement_group_table()[group]["state"]
+
+
+def test_close_releases_at_once_inside_a_run(sqlite_path):
+    group, state = close_inside_flow(ProbeSQLiteNode(db_path=sqlite_path))
+    assert state == "REMOVED"
+
+
+def test_reserved_outside_a_run_until_close(sqlite_path):
+    db = ProbeSQLiteNode(db_path=sqlite_path)
+    db._ray_options()  # placed use outside a flow run (as a query tool's spawn does)
+    group = db.reserved_placement_group
+    assert placement_group_table(group)["state"] == "CREATED"
+    db.close()
+    db.close()
     assert placement_group_table(group)["state"] == "REMOVED"
     assert db.reserved_placement_group is None
+
+
+@flow(task_runner=RayTaskRunner())
+def two_nodes_one_file(path: str) -> list[str]:
+    first, second = ProbeSQLiteNode(db_path=path), ProbeSQLiteNode(db_path=path)
+    groups = [first.where()["group"], second.where()["group"]]
+    first.close()  # the other node still holds the shared group
+    groups.append(placement_group_table()[groups[1]]["state"])
+    groups.append(second.where()["group"])
+    return groups
+
+
+def test_nodes_of_one_database_share_one_group(sqlite_path):
+    a, b, state_after_first_close, c = two_nodes_one_file(sqlite_path)
+    assert a == b == c and state_after_first_close == "CREATED"
+    wait_until(lambda: placement_group_table()[a]["state"] == "REMOVED", timeout=5)
 
 
 def test_default_sqlite_placement_group(sqlite_path):
     with ProbeSQLiteNode(db_path=sqlite_path) as db:
         seen = where_flow(db)
-        group = db.reserved_placement_group
+        group = seen[0]["group"]
         assert group is not None
-        assert nodes_of(seen) == {placement_group_table(group)["bundles_to_node_id"][0]}
-    assert placement_group_table(group)["state"] == "REMOVED"
+        assert nodes_of(seen) == {placement_group_table()[group]["bundles_to_node_id"][0]}
+    assert placement_group_table()[group]["state"] == "REMOVED"
 
 
 def test_handed_in_placement_group_not_released(ray_cluster, sqlite_path):

@@ -1,0 +1,246 @@
+"""Nothing waits forever: a member Ray cannot schedule fails in bounded time, and says why.
+
+Ray keeps a task whose resources are not free in its queue for as long as it takes (a
+cluster whose CPUs are all reserved by placement groups: forever). The driver cannot ask
+Ray whether a queued task has started without the dashboard, so members tell a small
+actor of the driver's job, the *gate*, when they start:
+
+- a read announces itself and runs (fire and forget);
+- a write asks the gate first and waits for the answer: if the driver already gave up on
+  it, it runs nothing. So a write is either reported as not scheduled or it runs, never
+  both.
+
+The driver waits for a member's result; once `schedule_timeout_s` has passed since the
+submit and the member has not started, it asks the gate to abandon it. The gate refuses
+while members of the same placement started within the last timeout (a long queue that is
+moving is not stuck). An abandoned member is cancelled, its task run set Failed, and
+`SchedulingTimeoutError` says what the member asked for, what the cluster has free and
+which placement groups hold the rest.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from chia_prefect.errors import SchedulingTimeoutError
+
+GATE_NAMESPACE = "chia-prefect"
+# A started member is remembered at least this long (and twice the longest timeout asked).
+_REMEMBER_S = 600.0
+
+_driver_gates: dict[str, Any] = {}
+_worker_gates: dict[str, Any] = {}
+_gates_lock = threading.Lock()
+
+
+class Gate:
+    """Ray actor (one per driver job, no CPU): which members started, which were abandoned."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+        self.abandoned: dict[str, float] = {}
+        self.last_start: dict[str, float] = {}
+        self.remember_s = _REMEMBER_S
+        self.calls = 0
+
+    def start(self, task_run_id: str, shape: str) -> bool:
+        now = time.time()
+        if task_run_id in self.abandoned:
+            return False
+        self.started[task_run_id] = now
+        self.last_start[shape] = now
+        self._forget(now)
+        return True
+
+    def abandon(self, task_run_id: str, shape: str, window_s: float) -> str:
+        """'started', 'moving' (others of its shape started lately) or 'abandoned'."""
+        now = time.time()
+        self.remember_s = max(self.remember_s, 2 * window_s)
+        if task_run_id in self.started:
+            return "started"
+        if self.last_start.get(shape, 0.0) > now - window_s:
+            return "moving"
+        self.abandoned[task_run_id] = now
+        return "abandoned"
+
+    def ping(self) -> bool:
+        return True
+
+    def _forget(self, now: float) -> None:
+        self.calls += 1
+        if self.calls % 1024:
+            return
+        horizon = now - self.remember_s
+        for table in (self.started, self.abandoned):
+            for key in [k for k, t in table.items() if t < horizon]:
+                del table[key]
+
+
+def _gate_name(job_id: str) -> str:
+    return f"chia-prefect-gate-{job_id}"
+
+
+def driver_gate() -> Any:
+    """The gate of this driver's Ray job, created on first use (it needs no CPU)."""
+    import ray
+
+    job_id = ray.get_runtime_context().get_job_id()
+    with _gates_lock:
+        gate = _driver_gates.get(job_id)
+        if gate is None:
+            gate = ray.remote(Gate).options(
+                name=_gate_name(job_id), namespace=GATE_NAMESPACE, get_if_exists=True,
+                num_cpus=0, max_restarts=0,
+            ).remote()
+            ray.get(gate.ping.remote(), timeout=60)
+            _driver_gates.clear()  # an earlier Ray session's gate went with it
+            _driver_gates[job_id] = gate
+        return gate
+
+
+def announce_start(kind: str) -> None:
+    """Called by a member as it starts on a Ray worker; a write abandoned by its driver
+    raises here, before it touched anything."""
+    from prefect.context import TaskRunContext
+
+    task_ctx = TaskRunContext.get()
+    if task_ctx is None:
+        return
+    gate = _worker_gate()
+    if gate is None:
+        return
+    import ray
+
+    run_id, shape = str(task_ctx.task_run.id), _shape_here()
+    if kind != "write":
+        gate.start.remote(run_id, shape)
+        return
+    if not ray.get(gate.start.remote(run_id, shape), timeout=60):
+        raise SchedulingTimeoutError(
+            f"{task_ctx.task.name}: the flow gave up waiting for this write to be scheduled "
+            "before it started; nothing was executed."
+        )
+
+
+def _worker_gate() -> Any:
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return None  # in the flow's own process: nobody waits on a queue
+    job_id = ray.get_runtime_context().get_job_id()
+    with _gates_lock:
+        gate = _worker_gates.get(job_id)
+    if gate is None:
+        try:
+            gate = ray.get_actor(_gate_name(job_id), namespace=GATE_NAMESPACE)
+        except ValueError:
+            return None  # submitted by something other than a member on the driver
+        with _gates_lock:
+            _worker_gates[job_id] = gate
+    return gate
+
+
+def _shape_here() -> str:
+    import ray
+
+    group = ray.get_runtime_context().get_placement_group_id()
+    return group or "none"
+
+
+def shape_of(options: dict[str, Any]) -> str:
+    """The queue a member waits in, as the gate keys it: its placement group or none."""
+    strategy = options.get("scheduling_strategy")
+    group = getattr(strategy, "placement_group", None)
+    return group.id.hex() if group is not None else "none"
+
+
+class Watch:
+    """Driver side of one submitted member: abandons it once it cannot be scheduled."""
+
+    def __init__(self, options: dict[str, Any], timeout_s: float | None, what: str):
+        self.options, self.timeout_s, self.what = options, timeout_s, what
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.shape = shape_of(options)
+        self.gate = driver_gate() if timeout_s is not None else None
+
+    def wait(self, object_ref: Any, task_run_id: Any, timeout: float | None) -> float | None:
+        """Wait for `object_ref` up to `timeout` while it may be stuck in Ray's queue; raise
+        SchedulingTimeoutError if it is abandoned. Returns what is left of `timeout`."""
+        import ray
+
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.deadline is not None:
+            until = self.deadline if end is None else min(end, self.deadline)
+            ready, _ = ray.wait([object_ref], timeout=max(0.0, until - time.monotonic()), fetch_local=False)
+            now = time.monotonic()
+            if ready or (end is not None and end <= now < self.deadline):
+                break  # done, or the caller's own timeout ran out first
+            if now < self.deadline:
+                continue  # woke a little early
+            verdict = ray.get(self.gate.abandon.remote(str(task_run_id), self.shape, self.timeout_s), timeout=60)
+            if verdict == "started":
+                self.deadline = None
+            elif verdict == "moving":
+                self.deadline = time.monotonic() + self.timeout_s
+            else:
+                ray.cancel(object_ref)
+                raise SchedulingTimeoutError(self.describe())
+        return None if end is None else max(0.0, end - time.monotonic())
+
+    def describe(self) -> str:
+        asked = {"CPU": self.options.get("num_cpus", 1), **(self.options.get("resources") or {})}
+        strategy = self.options.get("scheduling_strategy")
+        where = ""
+        if getattr(strategy, "placement_group", None) is not None:
+            where = f" in bundle {strategy.placement_group_bundle_index} of placement group " \
+                    f"{_group_label(strategy.placement_group.id.hex())}"
+        elif getattr(strategy, "node_id", None):
+            where = f" on node {strategy.node_id}"
+        return (
+            f"{self.what} was not scheduled on Ray within {self.timeout_s:g} s and was cancelled "
+            f"before it started; nothing was executed. It asked for {_fmt(asked)}{where}. "
+            f"{cluster_report()} Free resources (close() unused nodes, end the flows or actors "
+            "that hold them) or raise placement.schedule_timeout_s."
+        )
+
+
+def cluster_report() -> str:
+    """What the cluster has free, and which placement groups hold resources, by name."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    total = _plain(ray.cluster_resources())
+    available = ray.available_resources()  # leaves out what is all taken
+    free = {name: available.get(name, 0.0) for name in total}
+    holders = []
+    for info in placement_group_table().values():
+        if info["state"] not in ("CREATED", "PENDING", "RESCHEDULING", "PREPARED"):
+            continue
+        summed: dict[str, float] = {}
+        for bundle in info["bundles"].values():
+            for name, amount in bundle.items():
+                summed[name] = summed.get(name, 0) + amount
+        name = info["name"] or f"(unnamed {info['placement_group_id'][:12]})"
+        state = "" if info["state"] == "CREATED" else f", {info['state'].lower()}"
+        holders.append(f"'{name}' {_fmt(_plain(summed))}{state}")
+    held = "; ".join(holders) if holders else "none"
+    return f"The cluster has {_fmt(free)} free of {_fmt(total)}. Placement groups holding resources: {held}."
+
+
+def _group_label(group_hex: str) -> str:
+    from ray.util.placement_group import placement_group_table
+
+    info = placement_group_table().get(group_hex) or {}
+    return f"'{info.get('name')}'" if info.get("name") else group_hex[:12]
+
+
+def _plain(resources: dict[str, float]) -> dict[str, float]:
+    """Resources a person asks for: not Ray's per-group and per-node bookkeeping keys."""
+    return {k: v for k, v in resources.items()
+            if "_group_" not in k and not k.startswith(("node:", "bundle_group", "memory", "object_store"))}
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {round(v, 3):g}" for k, v in sorted(resources.items())) + "}"

@@ -1,0 +1,293 @@
+"""Nothing leaks, nothing hangs (issue 13): reservations live as long as their use.
+
+On the session's real 2-node Ray cluster (2 CPUs in all): nodes used in flow runs without
+`close()` leave no placement group behind, nodes of one database share one, and a member
+Ray cannot schedule fails in bounded time, saying what it asked for and who holds the CPUs.
+The long soaks carry the `slow` marker (part of the default run).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import ray
+from helpers import wait_until
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
+from prefect_ray import RayTaskRunner
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+from chia_prefect import FastRayTaskRunner, Placement, PostgresNode, SchedulingTimeoutError, SQLiteNode
+from chia_prefect.migrations import load_migrations, migrate
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations_demo"
+
+
+def live_groups() -> list[dict]:
+    return [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
+
+
+def all_cpus_free() -> bool:
+    return ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU")
+
+
+def assert_nothing_reserved() -> None:
+    wait_until(lambda: not live_groups(), timeout=10, what=lambda: f"no placement group left: {live_groups()}")
+    wait_until(all_cpus_free, timeout=10, what=lambda: f"all CPUs free: {ray.available_resources()}")
+
+
+# --- nothing hangs --------------------------------------------------------------------
+
+
+@pytest.fixture
+def every_cpu_held():
+    """A user's placement group holding both CPUs of the cluster, named so errors can say so."""
+    hog = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_SPREAD", name="nightly-etl-hog")
+    ray.get(hog.ready(), timeout=60)
+    wait_until(lambda: ray.available_resources().get("CPU", 0) == 0, timeout=10)
+    yield hog
+    remove_placement_group(hog)
+    wait_until(all_cpus_free, timeout=10)
+
+
+@flow(task_runner=RayTaskRunner())
+def write_then_count(db: SQLiteNode) -> int:
+    db.execute("INSERT INTO t (x) VALUES (1)")
+    return db.query_value("SELECT COUNT(*) FROM t")
+
+
+def test_unschedulable_member_fails_in_bounded_time(every_cpu_held, sqlite_path):
+    setup = SQLiteNode(db_path=sqlite_path)
+    setup.init_schema("CREATE TABLE t (x INTEGER)")  # in-process: outside any flow
+    db = SQLiteNode(db_path=sqlite_path, placement=Placement(require_colocated=False, schedule_timeout_s=3))
+    started = time.monotonic()
+    run_name = f"unschedulable-{uuid.uuid4().hex[:8]}"
+    state = write_then_count.with_options(flow_run_name=run_name)(db, return_state=True)
+    elapsed = time.monotonic() - started
+    assert state.is_failed()
+    with pytest.raises(SchedulingTimeoutError) as raised:
+        state.result()
+    message = str(raised.value)
+    assert elapsed < 30, elapsed
+    assert "sqlite.execute" in message and sqlite_path in message
+    assert "not scheduled on Ray within 3 s" in message and "nothing was executed" in message
+    assert "asked for {CPU: 0.1}" in message  # what it asked for
+    assert re.search(r"\{CPU: 0\b[^}]*\} free of \{CPU: 2\b", message), message  # what is free
+    assert "'nightly-etl-hog' {CPU: 2}" in message  # who holds it, by name
+    assert "schedule_timeout_s" in message  # the fix
+    # The cancelled write never runs, not even once the CPUs are free again.
+    remove_placement_group(every_cpu_held)
+    wait_until(all_cpus_free, timeout=10)
+    time.sleep(2)
+    assert setup.query_value("SELECT COUNT(*) FROM t") == 0
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])))[0]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    assert [(r.name.split("-")[0], r.state.type.value) for r in runs] == [("sqlite.execute", "FAILED")]
+    assert "not scheduled on Ray" in runs[0].state.message
+
+
+def test_unreservable_placement_group_fails_naming_the_holder(every_cpu_held, sqlite_path):
+    db = SQLiteNode(db_path=sqlite_path, placement=Placement(pg_ready_timeout_s=2))
+    started = time.monotonic()
+    with pytest.raises(SchedulingTimeoutError) as raised:
+        db._ray_options()
+    assert time.monotonic() - started < 20
+    message = str(raised.value)
+    assert "not ready within 2.0 s" in message and "'nightly-etl-hog' {CPU: 2}" in message
+    assert db.reserved_placement_group is None
+
+
+@flow(task_runner=RayTaskRunner())
+def read_one(node: PostgresNode) -> int:
+    return node.query_value("SELECT 1")
+
+
+@pytest.mark.postgres
+def test_postgres_member_does_not_wait_forever(every_cpu_held, postgres_dsn):
+    db = PostgresNode(dsn=postgres_dsn, placement=Placement(require_colocated=False, schedule_timeout_s=2))
+    with pytest.raises(SchedulingTimeoutError, match=r"postgres.query_value .* asked for \{CPU: 0.1\}"):
+        read_one(db)
+
+
+def test_a_moving_queue_is_not_stuck(sqlite_path):
+    """A burst queued longer than the timeout completes: members of its placement keep starting."""
+    db = SQLiteNode(db_path=sqlite_path, placement=Placement(num_cpus=0.5, schedule_timeout_s=2.5))
+    db.init_schema("CREATE TABLE t (x INTEGER)")
+    count = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 1000000) SELECT COUNT(*) FROM c"
+
+    @flow(task_runner=FastRayTaskRunner())
+    def burst(node: SQLiteNode) -> tuple[int, float]:
+        # One bundle of 0.5 CPU runs one member at a time: 16 members queue for several seconds.
+        started = time.monotonic()
+        futures = [node.query_value.submit(count) for _ in range(16)]
+        return sum(f.result() for f in futures), time.monotonic() - started
+
+    total, seconds = burst(db)
+    assert total == 16 * 1000000
+    assert seconds > 2 * 2.5, f"the queue lasted {seconds:.1f} s: not longer than the timeout, proves nothing"
+
+
+# --- nothing leaks --------------------------------------------------------------------
+
+
+@flow(task_runner=FastRayTaskRunner())
+def visit_three(names: list[str]) -> int:
+    total = 0
+    for name in names:
+        db = SQLiteNode.load(name)  # no `with`, no close()
+        db.execute("INSERT INTO t (x) VALUES (1)")
+        total += db.query_value("SELECT COUNT(*) FROM t")
+    return total
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_soak_200_flow_runs_three_nodes_each_leave_nothing(tmp_path):
+    names = []
+    for i in range(3):
+        node = SQLiteNode(db_path=str(tmp_path / f"soak{i}.db"))
+        node.init_schema("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+        name = f"soak-{uuid.uuid4().hex[:8]}-{i}"
+        node.save(name)
+        names.append(name)
+    stock = visit_three.with_options(task_runner=RayTaskRunner())
+    started = time.monotonic()
+    for run in range(200):
+        # Every tenth run on the stock runner (its groups go by the reaper), the rest on ours.
+        assert (stock if run % 10 == 0 else visit_three)(names) == 3 * (run + 1)
+        if run == 19:
+            start_rss, start_fds = _rss_mb(os.getpid()), len(os.listdir("/proc/self/fd"))
+    rss, fds = _rss_mb(os.getpid()), len(os.listdir("/proc/self/fd"))
+    print(f"200 runs x 3 nodes in {time.monotonic() - started:.1f} s; driver RSS {start_rss:.0f} -> {rss:.0f} MB "
+          f"({(rss - start_rss) / 180:.3f} MB/run over runs 20-200), fds {start_fds} -> {fds}")
+    assert_nothing_reserved()
+    assert fds <= start_fds + 10
+
+
+@pytest.mark.slow
+def test_readme_migration_example_twenty_times(tmp_path):
+    for i in range(20):
+        db = SQLiteNode(db_path=str(tmp_path / f"app{i}.db"))  # as the README: no `with`
+        migrations = load_migrations(MIGRATIONS)
+        outcome = migrate(db, migrations)
+        assert outcome["to"] == 3, outcome
+    assert_nothing_reserved()
+
+
+@flow(task_runner=FastRayTaskRunner())
+def maintain_one(path: str) -> int:
+    db = SQLiteNode(db_path=path)
+    db.init_schema("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+    db.execute("INSERT INTO t (x) VALUES (1)")
+    db.wal_checkpoint("TRUNCATE")
+    return db.query_value("SELECT COUNT(*) FROM t")
+
+
+@flow(task_runner=FastRayTaskRunner())
+def maintain_all(paths: list[str]) -> list[int]:
+    return [maintain_one(path) for path in paths]
+
+
+@pytest.mark.slow
+def test_twelve_databases_one_subflow_each(tmp_path):
+    # Twelve groups of 0.5 CPU would need 6 CPUs at once; each subflow releases its own.
+    assert maintain_all([str(tmp_path / f"db{i}" / "x.db") for i in range(12)]) == [1] * 12
+    assert_nothing_reserved()
+
+
+# --- a served deployment on a long-lived cluster -----------------------------------------
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _worker_fds() -> int:
+    """Open file descriptors of every Ray worker process on this machine."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "cmdline").read_bytes().startswith(b"ray::"):
+                total += len(list((proc / "fd").iterdir()))
+        except OSError:
+            continue  # gone meanwhile
+    return total
+
+
+def _alive_actors() -> int:
+    from ray._private import state
+
+    return sum(1 for info in state.actors().values() if info["State"] == "ALIVE")
+
+
+def _slope(values: list[float]) -> float:
+    n = len(values)
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    return sum((x - mean_x) * (y - mean_y) for x, y in enumerate(values)) / sum((x - mean_x) ** 2 for x in range(n))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_served_deployment_thirty_runs_no_growth(ray_cluster, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from prefect.deployments import run_deployment
+
+    names = []
+    for i in range(3):
+        node = SQLiteNode(db_path=str(tmp_path / f"served{i}.db"))
+        node.init_schema("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+        names.append(f"served-{uuid.uuid4().hex[:8]}-{i}")
+        node.save(names[-1])
+    deployment = f"lifecycle-soak-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["cluster"].address, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    log = open(tmp_path / "serve.log", "wb")
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("served_flow.py")), deployment],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def deployed():
+            with get_client(sync_client=True) as client:
+                try:
+                    return client.read_deployment_by_name(f"soak-visit/{deployment}")
+                except Exception:  # noqa: BLE001 - not registered yet
+                    return None
+
+        wait_until(deployed, timeout=120, what="the served deployment")
+        samples = []
+        for run in range(30):
+            flow_run = run_deployment(f"soak-visit/{deployment}", parameters={"names": names},
+                                      timeout=180, poll_interval=0.5)
+            assert flow_run.state.is_completed(), (flow_run.state, (tmp_path / "serve.log").read_text()[-3000:])
+            wait_until(lambda: not live_groups(), timeout=10, what=lambda: f"no group left: {live_groups()}")
+            samples.append({"groups": len(live_groups()), "actors": _alive_actors(),
+                            "fds": _worker_fds(), "rss": _rss_mb(server.pid)})
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+    rss = [s["rss"] for s in samples[5:]]
+    fds = [s["fds"] for s in samples[5:]]
+    actors = [s["actors"] for s in samples[5:]]
+    print(f"served 30 runs: groups {[s['groups'] for s in samples]}, actors {actors[0]}->{actors[-1]}, "
+          f"worker fds {fds[0]}->{fds[-1]} (slope {_slope(fds):.2f}/run), "
+          f"serve RSS {rss[0]:.1f}->{rss[-1]:.1f} MB (slope {_slope(rss):.3f} MB/run)")
+    assert all(s["groups"] == 0 for s in samples)
+    assert max(actors) <= actors[0] + 1  # each run's job and its gate are gone with the run
+    assert _slope(fds) < 1.0, fds
+    assert _slope(rss) < 0.5, rss
