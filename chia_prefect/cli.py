@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     mcp.add_argument("--cell-char-limit", type=int, default=4096)
     mcp.add_argument("--total-char-limit", type=int, default=32768)
     mcp.add_argument("--time-limit-s", type=float, default=10.0)
+    mcp.add_argument("--allow-privileged-role", action="store_true",
+                     help="DANGEROUS: serve a Postgres superuser or server file/program role anyway")
     args = parser.parse_args(argv)
 
     from prefect.blocks.core import Block
@@ -34,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
 
     node = Block.load(args.block)
     caps = Caps(args.row_limit, args.cell_char_limit, args.total_char_limit, args.time_limit_s)
-    session = SQLiteToolSession(node.db_path, caps) if node.engine == "sqlite" else PostgresToolSession(node, caps)
+    if node.engine == "sqlite":
+        session = SQLiteToolSession(node.db_path, caps)
+    else:
+        session = PostgresToolSession(node, caps)
+        session.check_role(args.allow_privileged_role)
     server = build_server(session, args.name or args.block.split("/")[-1], args.read_write)
     server.run("stdio")
     return 0

@@ -240,13 +240,19 @@ class PostgresNode(DatabaseNode):
             # implicit transaction unless the script says BEGIN/COMMIT itself.
             conn.execute(script)
 
-    def _query_tool_session(self, caps: Any, dsn: str | None = None, schemas: tuple[str, ...] = ("public",)) -> Any:
-        """Read-only sessions; `dsn=` gives the tool other credentials: a role granted SELECT
-        only is the real boundary, the session flag a guard."""
+    def _query_tool_session(
+        self, caps: Any, dsn: str | None = None, schemas: tuple[str, ...] = ("public",),
+        allow_privileged_role: bool = False,
+    ) -> Any:
+        """Read-only sessions under a statement guard. `dsn=` gives the tool other
+        credentials: a role granted SELECT only is the real boundary. A superuser or a role
+        with server file/program rights is refused unless `allow_privileged_role=True`."""
         from chia_prefect.query_tool import PostgresToolSession
 
         node = self if dsn is None else PostgresNode(dsn=dsn, placement=self.placement, connect_opts=self.connect_opts)
-        return PostgresToolSession(node, caps, schemas)
+        session = PostgresToolSession(node, caps, schemas)
+        session.check_role(allow_privileged_role)
+        return session
 
     # --- members ------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ guard, not a wall: give `dsn=` a role granted SELECT only.
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import socket
 import sqlite3
 import threading
@@ -24,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
+
+from chia_prefect.errors import SchedulingTimeoutError
 
 if TYPE_CHECKING:
     from chia_prefect.base import DatabaseNode
@@ -114,6 +118,17 @@ def _sqlite_authorizer(action: int, arg1: Any, arg2: Any, db_name: Any, source: 
     return sqlite3.SQLITE_DENY
 
 
+# The authorizer's denial, and a write on a read-only connection.
+_SQLITE_REFUSALS = frozenset({sqlite3.SQLITE_AUTH, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM})
+# Authorizer action codes by name, for saying what was refused.
+_SQLITE_ACTIONS = {getattr(sqlite3, f"SQLITE_{name}"): name.replace("_", " ") for name in (
+    "ALTER_TABLE", "ANALYZE", "ATTACH", "CREATE_INDEX", "CREATE_TABLE", "CREATE_TEMP_INDEX", "CREATE_TEMP_TABLE",
+    "CREATE_TEMP_TRIGGER", "CREATE_TEMP_VIEW", "CREATE_TRIGGER", "CREATE_VIEW", "CREATE_VTABLE", "DELETE", "DETACH",
+    "DROP_INDEX", "DROP_TABLE", "DROP_TEMP_INDEX", "DROP_TEMP_TABLE", "DROP_TEMP_TRIGGER", "DROP_TEMP_VIEW",
+    "DROP_TRIGGER", "DROP_VIEW", "DROP_VTABLE", "FUNCTION", "INSERT", "PRAGMA", "REINDEX", "SAVEPOINT",
+    "TRANSACTION", "UPDATE")}
+
+
 class SQLiteToolSession:
     """One read-only SQLite connection per tool call."""
 
@@ -134,7 +149,15 @@ class SQLiteToolSession:
         conn.set_progress_handler(over_time, 10_000)
         if read_only:
             conn.execute("PRAGMA query_only = ON")
-            conn.set_authorizer(_sqlite_authorizer)
+
+            def authorizer(action: int, arg1: Any, arg2: Any, db_name: Any, source: Any) -> int:
+                verdict = _sqlite_authorizer(action, arg1, arg2, db_name, source)
+                if verdict == sqlite3.SQLITE_DENY:
+                    what = _SQLITE_ACTIONS.get(action, str(action))
+                    state["denied"] = f"{what} {arg2 if action == sqlite3.SQLITE_FUNCTION else arg1 or ''}".strip()
+                return verdict
+
+            conn.set_authorizer(authorizer)
         return conn, state
 
     def _run(self, sql: str, read_only: bool) -> str:
@@ -147,9 +170,15 @@ class SQLiteToolSession:
             if cur.description is None:
                 return f"OK: {max(cur.rowcount, 0)} rows changed"
             return render_table([d[0] for d in cur.description], cur.fetchmany, self.caps)
+        except sqlite3.ProgrammingError as exc:  # raised before anything runs
+            return f"REFUSED: send exactly one statement per call ({exc}); nothing was run."
         except sqlite3.Error as exc:
             if state["timed_out"]:
                 return f"ERROR: the query ran past the {self.caps.time_limit_s:g} s time limit and was stopped"
+            if state.get("denied"):
+                return f"REFUSED: this tool is read-only and SQLite refused {state['denied']}; nothing was changed."
+            if read_only and getattr(exc, "sqlite_errorcode", None) in _SQLITE_REFUSALS:
+                return f"REFUSED: this tool is read-only; SQLite refused the statement ({exc}); nothing was changed."
             return _error(exc)
         finally:
             conn.close()
@@ -168,34 +197,56 @@ class SQLiteToolSession:
 
 
 class PostgresToolSession:
-    """A fresh session per tool call: read-only, one statement, statement_timeout."""
+    """A fresh session per tool call: read-only, one statement, statement_timeout.
+
+    Statements are checked with PostgreSQL's grammar first (`tool_guard`); the role is
+    checked once, when the tool starts (`check_role`).
+    """
 
     def __init__(self, node: DatabaseNode, caps: Caps, schemas: tuple[str, ...] = ("public",)):
         self.node, self.caps, self.schemas = node, caps, schemas
 
-    def _run(self, sql: str, read_only: bool, params: Any = None) -> str:
+    def check_role(self, allow_privileged_role: bool = False) -> None:
+        """Refuse a superuser or a role with server file/program rights (PrivilegedRoleError)."""
+        from chia_prefect.tool_guard import check_role
+
+        with self.node.connect(read_only=True, connect_opts={"application_name": "chia-query-tool"}) as conn:
+            check_role(conn, self.node.label, allow_privileged_role)
+
+    def _run(self, sql: str, read_only: bool, params: Any = None, checked: bool = False) -> str:
         import psycopg
 
         from chia_prefect.errors import ChiaPrefectError
+        from chia_prefect.tool_guard import refusal, returns_rows
 
+        if not checked:
+            refused = refusal(sql, read_only)
+            if refused:
+                return refused
         opts = {"statement_timeout_ms": int(self.caps.time_limit_s * 1000), "application_name": "chia-query-tool"}
         try:
             with self.node.connect(read_only=read_only, connect_opts=opts) as conn:
                 cur = conn.cursor()
-                # Extended protocol: the server runs exactly one statement.
+                if not checked and not returns_rows(sql):
+                    # Extended protocol: the server runs exactly one statement.
+                    cur.execute(sql, params, prepare=True)
+                    return f"OK: {cur.statusmessage} ({max(cur.rowcount, 0)} rows changed)"
                 rows = cur.stream(sql, params, size=100)
                 try:
                     return self._render(cur, rows)
                 finally:
                     rows.close()
-        except (psycopg.Error, ChiaPrefectError) as exc:
+        except psycopg.Error as exc:
+            reason = _PG_REFUSALS.get(getattr(exc, "sqlstate", None) or "")
+            if reason:
+                return f"REFUSED: {reason}; the server refused the statement ({self.node.scrub(str(exc)).strip()})."
+            return _error(exc, self.node.scrub)
+        except ChiaPrefectError as exc:
             return _error(exc, self.node.scrub)
 
     def _render(self, cur: Any, rows: Any) -> str:
         iterator = iter(rows)
         first = next(iterator, None)
-        if cur.description is None:
-            return f"OK: {max(cur.rowcount, 0)} rows changed"
         pending = [] if first is None else [first]
 
         def fetchmany(n: int) -> list:
@@ -218,34 +269,67 @@ class PostgresToolSession:
         return self._run(
             "SELECT table_schema, table_name, column_name, data_type FROM information_schema.columns "
             "WHERE table_schema = ANY(%s) ORDER BY table_schema, table_name, ordinal_position",
-            read_only=True, params=(list(self.schemas),),
+            read_only=True, params=(list(self.schemas),), checked=True,
         )
+
+
+# SQLSTATEs that mean "refused" rather than "failed".
+_PG_REFUSALS = {
+    "25006": "this tool is read-only",  # read_only_sql_transaction
+    "42501": "the tool's role lacks the privilege",  # insufficient_privilege
+}
 
 
 # --- MCP server -----------------------------------------------------------------------
 
 
 def build_server(session: Any, name: str, read_write: bool) -> Any:
-    """An `MCPServer` exposing the session's query/schema (and execute if read_write)."""
+    """An `MCPServer` exposing the session's query/schema (and execute if read_write).
+
+    Every call is logged (tool, statement, outcome, duration) on the
+    `chia_prefect.query_tool` logger.
+    """
     import anyio
     from mcp.server.mcpserver import MCPServer
 
     server = MCPServer(name, instructions="SQL over one database. Results are capped; a NOTE line says when.")
 
+    async def logged(tool: str, call: Any, *args: str) -> str:
+        started = time.monotonic()
+        answer = await anyio.to_thread.run_sync(call, *args)
+        log_call(name, tool, args[0] if args else None, answer, time.monotonic() - started)
+        return answer
+
     @server.tool(description="Run ONE read-only SQL statement and return a pipe-delimited table.")
     async def query(sql: str) -> str:
-        return await anyio.to_thread.run_sync(session.query, sql)
+        return await logged("query", session.query, sql)
 
     @server.tool(description="List the tables, columns and indexes of the database.")
     async def schema() -> str:
-        return await anyio.to_thread.run_sync(session.schema)
+        return await logged("schema", session.schema)
 
     if read_write:
         @server.tool(description="Run ONE SQL statement that may change the database.")
         async def execute(sql: str) -> str:
-            return await anyio.to_thread.run_sync(session.execute, sql)
+            return await logged("execute", session.execute, sql)
 
     return server
+
+
+def log_call(name: str, tool: str, sql: str | None, answer: str, seconds: float) -> None:
+    """One INFO line per tool call: what the agent asked and what it got."""
+    from prefect.logging import get_logger
+
+    first = answer.split("\n", 1)[0]
+    if first.startswith(("REFUSED", "ERROR", "OK")):
+        outcome = first[:300]
+    else:
+        lines = answer.split("\n")
+        rows = len([line for line in lines[1:] if not line.startswith("NOTE: ") and line != "(no rows)"])
+        outcome = f"{rows} rows" + (" (capped)" if lines[-1].startswith("NOTE: ") else "")
+    statement = "" if sql is None else f" {sql[:500]!r}"
+    get_logger("chia_prefect.query_tool").info(
+        "query tool %r: %s%s -> %s in %.0f ms", name, tool, statement, outcome, seconds * 1000)
 
 
 def _free_port(host: str) -> int:
@@ -255,13 +339,24 @@ def _free_port(host: str) -> int:
 
 
 class HttpToolServer:
-    """An MCP server on streamable HTTP in a background thread of this process."""
+    """An MCP server on streamable HTTP in a background thread of this process.
 
-    def __init__(self, server: Any, host: str = "127.0.0.1"):
+    Every request must carry `Authorization: Bearer <token>` (else 401), and a Host (and,
+    when sent, an Origin) naming this server's address (else 421/403): DNS rebinding.
+    """
+
+    def __init__(self, server: Any, token: str, host: str = "127.0.0.1"):
         import uvicorn
+        from mcp.server.transport_security import TransportSecuritySettings
 
         self.host, self.port = host, _free_port(host)
-        app = server.streamable_http_app(host=host)
+        names = sorted({host, "127.0.0.1", "localhost"} if host in ("127.0.0.1", "localhost") else {host})
+        security = TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=[f"{n}:{self.port}" for n in names],
+            allowed_origins=[f"http://{n}:{self.port}" for n in names],
+        )
+        app = BearerTokenMiddleware(server.streamable_http_app(host=host, transport_security=security), token)
         self._uvicorn = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
         self._thread = threading.Thread(target=self._uvicorn.run, name=f"mcp-{self.port}", daemon=True)
 
@@ -283,14 +378,32 @@ class HttpToolServer:
         self._thread.join(timeout=10)
 
 
+class BearerTokenMiddleware:
+    """ASGI: answer 401 to any HTTP request without the tool's bearer token."""
+
+    def __init__(self, app: Any, token: str):
+        self.app, self._expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                await send({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"application/json"), (b"www-authenticate", b'Bearer realm="chia-prefect"')]})
+                await send({"type": "http.response.body",
+                            "body": b'{"error": "unauthorized: send Authorization: Bearer <tool.token>"}'})
+                return
+        await self.app(scope, receive, send)
+
+
 class _ToolActor:
     """Ray actor hosting the MCP server on the node's machine."""
 
-    def __init__(self, session: Any, name: str, read_write: bool):
+    def __init__(self, session: Any, name: str, read_write: bool, token: str):
         import ray
 
         host = ray.util.get_node_ip_address()
-        self._server = HttpToolServer(build_server(session, name, read_write), host=host)
+        self._server = HttpToolServer(build_server(session, name, read_write), token, host=host)
         self._server.start()
 
     def url(self) -> str:
@@ -301,10 +414,16 @@ class _ToolActor:
 
 
 class QueryTool:
-    """Handle of a running query tool: its `url`, and `stop()` (idempotent)."""
+    """Handle of a running query tool: its `url`, its bearer `token` (`headers` for a
+    client), and `stop()` (idempotent). The token never appears in `repr()`."""
 
-    def __init__(self, name: str, url: str, stopper: Any):
-        self.name, self.url, self._stopper = name, url, stopper
+    def __init__(self, name: str, url: str, stopper: Any, token: str):
+        self.name, self.url, self._stopper, self.token = name, url, stopper, token
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers an MCP client must send: `{"Authorization": "Bearer <token>"}`."""
+        return {"Authorization": f"Bearer {self.token}"}
 
     def stop(self) -> None:
         stopper, self._stopper = self._stopper, None
@@ -320,12 +439,22 @@ def spawn(node: DatabaseNode, session: Any, name: str, read_write: bool) -> Quer
     initialised, else in a thread of this process."""
     import ray
 
-    if not ray.is_initialized():
-        server = HttpToolServer(build_server(session, name, read_write))
-        return QueryTool(name, server.start(), server.stop)
+    token = secrets.token_urlsafe(32)
+    if not ray.is_initialized():  # in this process, on loopback only
+        server = HttpToolServer(build_server(session, name, read_write), token)
+        return QueryTool(name, server.start(), server.stop, token)
     options = {k: v for k, v in node._ray_options().items() if k in ("num_cpus", "resources", "scheduling_strategy")}
-    actor = ray.remote(_ToolActor).options(max_restarts=0, **options).remote(session, name, read_write)
-    url = ray.get(actor.url.remote(), timeout=120)
+    actor = ray.remote(_ToolActor).options(max_restarts=0, **options).remote(session, name, read_write, token)
+    timeout = node.placement.schedule_timeout_s
+    try:
+        url = ray.get(actor.url.remote(), timeout=120 if timeout is None else timeout + 60)
+    except ray.exceptions.GetTimeoutError:
+        ray.kill(actor)
+        from chia_prefect.scheduling import Watch
+
+        raise SchedulingTimeoutError(
+            Watch(options, timeout, f"the query tool {name!r} of {node.label}").describe()
+        ) from None
 
     def stop() -> None:
         try:
@@ -333,4 +462,4 @@ def spawn(node: DatabaseNode, session: Any, name: str, read_write: bool) -> Quer
         finally:
             ray.kill(actor)
 
-    return QueryTool(name, url, stop)
+    return QueryTool(name, url, stop, token)

@@ -12,22 +12,34 @@ from urllib.parse import urlparse
 import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+from chia_prefect.query_tool import QueryTool
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
 
-def call(server, tool: str, **arguments) -> str:
+def client_for(target) -> Client:
+    """An MCP client for a running tool (over HTTP, with its bearer token) or stdio params."""
+    if isinstance(target, QueryTool):
+        http = create_mcp_http_client(headers=target.headers)
+        return Client(streamable_http_client(target.url, http_client=http))
+    return Client(target)
+
+
+def call(target, tool: str, **arguments) -> str:
     async def go() -> str:
-        async with Client(server) as client:
+        async with client_for(target) as client:
             result = await client.call_tool(tool, arguments)
             return result.content[0].text
 
     return asyncio.run(go())
 
 
-def tool_names(server) -> set[str]:
+def tool_names(target) -> set[str]:
     async def go() -> set[str]:
-        async with Client(server) as client:
+        async with client_for(target) as client:
             return {t.name for t in (await client.list_tools()).tools}
 
     return asyncio.run(go())
@@ -68,6 +80,11 @@ POSTGRES_CORPUS = [
 ]
 
 
+def privileged_ok(engine: str) -> dict:
+    """The test server's role is a superuser; these tests are about caps, not roles."""
+    return {"allow_privileged_role": True} if engine == "postgres" else {}
+
+
 @pytest.fixture
 def seeded_sqlite(sqlite_db):
     sqlite_db.init_schema(SEED)
@@ -88,12 +105,12 @@ def postgres_state(db) -> tuple:
 
 def test_sqlite_tools_and_read_write_opt_in(seeded_sqlite):
     tool = seeded_sqlite.spawn_query_tool("app_db")
-    assert tool_names(tool.url) == {"query", "schema"}
-    assert call(tool.url, "query", sql="SELECT id, v FROM t ORDER BY id") == "id | v\n1 | a\n2 | b"
-    assert "CREATE TABLE t" in call(tool.url, "schema")
+    assert tool_names(tool) == {"query", "schema"}
+    assert call(tool, "query", sql="SELECT id, v FROM t ORDER BY id") == "id | v\n1 | a\n2 | b"
+    assert "CREATE TABLE t" in call(tool, "schema")
     rw = seeded_sqlite.spawn_query_tool("app_db_rw", read_write=True)
-    assert tool_names(rw.url) == {"query", "schema", "execute"}
-    assert call(rw.url, "execute", sql="INSERT INTO t VALUES (3, 'c')") == "OK: 1 rows changed"
+    assert tool_names(rw) == {"query", "schema", "execute"}
+    assert call(rw, "execute", sql="INSERT INTO t VALUES (3, 'c')") == "OK: 1 rows changed"
     assert seeded_sqlite.query_value("SELECT COUNT(*) FROM t") == 3
 
 
@@ -101,9 +118,9 @@ def test_sqlite_corpus_refused_file_unchanged(seeded_sqlite, tmp_path):
     path = Path(seeded_sqlite.db_path)
     before = path.read_bytes()
     tool = seeded_sqlite.spawn_query_tool("app_db")
-    answers = {sql: call(tool.url, "query", sql=sql.format(tmp=tmp_path)) for sql in SQLITE_CORPUS}
+    answers = {sql: call(tool, "query", sql=sql.format(tmp=tmp_path)) for sql in SQLITE_CORPUS}
     assert len(answers) >= 30
-    assert {sql: a for sql, a in answers.items() if not a.startswith("ERROR")} == {}
+    assert {sql: a for sql, a in answers.items() if not a.startswith("REFUSED: ")} == {}
     assert path.read_bytes() == before  # byte for byte
     wal = Path(str(path) + "-wal")
     assert not wal.exists() or wal.stat().st_size == 0
@@ -113,15 +130,14 @@ def test_sqlite_corpus_refused_file_unchanged(seeded_sqlite, tmp_path):
 @pytest.mark.postgres
 def test_postgres_corpus_refused_database_unchanged(seeded_postgres):
     before = postgres_state(seeded_postgres)
-    tool = seeded_postgres.spawn_query_tool("pg_db")
-    assert call(tool.url, "query", sql="SELECT id, v FROM t ORDER BY id") == "id | v\n1 | a\n2 | b"
-    answers = {sql: call(tool.url, "query", sql=sql) for sql in POSTGRES_CORPUS}
+    tool = seeded_postgres.spawn_query_tool("pg_db", allow_privileged_role=True)  # the guard alone
+    assert call(tool, "query", sql="SELECT id, v FROM t ORDER BY id") == "id | v\n1 | a\n2 | b"
+    answers = {sql: call(tool, "query", sql=sql) for sql in POSTGRES_CORPUS}
     # A session flag turned off in one call does not outlive the call.
-    answers["SET then write"] = call(tool.url, "query", sql="SET default_transaction_read_only = off")
-    answers["...next call"] = call(tool.url, "query", sql="INSERT INTO t VALUES (8, 'late')")
+    answers["SET then write"] = call(tool, "query", sql="SET default_transaction_read_only = off")
+    answers["...next call"] = call(tool, "query", sql="INSERT INTO t VALUES (8, 'late')")
     assert len(answers) >= 30
-    refused = {sql: a for sql, a in answers.items() if sql != "SET then write" and not a.startswith("ERROR")}
-    assert refused == {}
+    assert {sql: a for sql, a in answers.items() if not a.startswith("REFUSED: ")} == {}
     assert postgres_state(seeded_postgres) == before  # row for row
 
 
@@ -134,9 +150,9 @@ def test_postgres_select_only_role_is_the_boundary(seeded_postgres, postgres_dsn
         conn.execute("DROP ROLE IF EXISTS reader; CREATE ROLE reader LOGIN; GRANT SELECT ON t TO reader")
     reader = make_conninfo(**{**conninfo_to_dict(postgres_dsn), "user": "reader"})
     tool = seeded_postgres.spawn_query_tool("pg_reader", read_write=True, dsn=reader)
-    assert call(tool.url, "query", sql="SELECT COUNT(*) AS n FROM t") == "n\n2"
-    denied = call(tool.url, "execute", sql="DELETE FROM t")  # even the write tool cannot
-    assert denied.startswith("ERROR") and "permission denied" in denied
+    assert call(tool, "query", sql="SELECT COUNT(*) AS n FROM t") == "n\n2"
+    denied = call(tool, "execute", sql="DELETE FROM t")  # even the write tool cannot
+    assert denied.startswith("REFUSED: the tool's role lacks the privilege") and "permission denied" in denied
     assert seeded_postgres.query_value("SELECT COUNT(*) FROM t") == 2
 
 
@@ -146,13 +162,14 @@ def test_caps_on_wide_table(request, engine):
     db.init_schema("CREATE TABLE wide (id INTEGER PRIMARY KEY, a TEXT, b TEXT)")
     blob = "x" * 5000
     db.executemany(db.render("INSERT INTO wide VALUES (?, ?, ?)"), [(i, blob, "short") for i in range(10_000)])
-    tool = db.spawn_query_tool("wide", row_limit=100, cell_char_limit=4096, total_char_limit=32768)
-    text = call(tool.url, "query", sql="SELECT * FROM wide ORDER BY id")
+    tool = db.spawn_query_tool("wide", row_limit=100, cell_char_limit=4096, total_char_limit=32768,
+                               **privileged_ok(engine))
+    text = call(tool, "query", sql="SELECT * FROM wide ORDER BY id")
     body, note = text.rsplit("\n", 1)
     assert len(body) <= 32768
     assert note.startswith("NOTE:") and "total size limit of 32768" in note and "truncated" in note
     assert "…[+904 chars]" in body
-    few = call(tool.url, "query", sql="SELECT id, b FROM wide ORDER BY id")
+    few = call(tool, "query", sql="SELECT id, b FROM wide ORDER BY id")
     assert few.splitlines()[-1] == "NOTE: row limit reached: showing the first 100 rows; add a WHERE or LIMIT"
     assert len(few.splitlines()) == 102  # header + 100 rows + NOTE
 
@@ -161,11 +178,11 @@ def test_caps_on_wide_table(request, engine):
 def test_time_cap_stops_runaway_query(request, engine):
     db = request.getfixturevalue(f"{engine}_db")
     db.init_schema("CREATE TABLE x (a INTEGER)")
-    tool = db.spawn_query_tool("slow", time_limit_s=1)
+    tool = db.spawn_query_tool("slow", time_limit_s=1, **privileged_ok(engine))
     runaway = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c) SELECT COUNT(*) FROM c"
-    text = call(tool.url, "query", sql=runaway)
+    text = call(tool, "query", sql=runaway)
     assert text.startswith("ERROR") and ("time limit" in text or "statement timeout" in text)
-    assert call(tool.url, "query", sql="SELECT 1 AS one") == "one\n1"  # the server lives on
+    assert call(tool, "query", sql="SELECT 1 AS one") == "one\n1"  # the server lives on
 
 
 def test_close_stops_the_server(seeded_sqlite):
@@ -187,4 +204,4 @@ def test_stdio_command_serves_a_saved_block(seeded_sqlite):
     )
     assert tool_names(params) == {"query", "schema"}
     assert call(params, "query", sql="SELECT v FROM t WHERE id = 2") == "v\nb"
-    assert call(params, "query", sql="DELETE FROM t").startswith("ERROR")
+    assert call(params, "query", sql="DELETE FROM t").startswith("REFUSED: ")
