@@ -140,11 +140,11 @@ def test_postgres_builds_without_psycopg_import():
 
 def test_pickled_node_carries_configuration_only(sqlite_path):
     db = SQLiteNode(db_path=sqlite_path)
-    db._placement_state.placement_group = "pretend-group"
-    db._placement_state.owns_group = True
+    db.use_placement_group("pretend-group")
     clone = pickle.loads(pickle.dumps(db))
     assert clone.db_path == db.db_path and clone.reserved_placement_group is None
-    assert not clone._placement_state.owns_group
+    assert clone._placement_state.handed_in is None
+    assert clone._placement_state.token != db._placement_state.token  # holds are the driver's
 
 
 def test_save_and_load_round_trip(sqlite_path):
