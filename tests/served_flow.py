@@ -1,5 +1,5 @@
-"""The flow the lifecycle soak serves (tests/test_lifecycle.py): three saved SQLite nodes,
-loaded by block name and used without `close()`, on a long-lived Ray cluster (RAY_ADDRESS).
+"""The flow the lifecycle soak serves (tests/test_lifecycle.py): saved SQLite nodes, loaded
+by block name and used without `close()`, on a long-lived Ray cluster (RAY_ADDRESS).
 
     python tests/served_flow.py DEPLOYMENT_NAME
 """
@@ -10,12 +10,10 @@ import os
 import sys
 
 from prefect import flow
-from prefect_ray import RayTaskRunner
-
-from chia_prefect import SQLiteNode
+from chia_prefect import FastRayTaskRunner, SQLiteNode
 
 
-@flow(task_runner=RayTaskRunner())  # joins the cluster named by RAY_ADDRESS
+@flow(task_runner=FastRayTaskRunner())  # joins the cluster named by RAY_ADDRESS
 def soak_visit(names: list[str]) -> dict:
     import ray
 
