@@ -53,7 +53,8 @@ def refusal(sql: str, read_only: bool) -> str | None:
     if len(statements) != 1:
         return f"REFUSED: send exactly one statement per call (got {len(statements)}); nothing was run."
     (kind, body), = statements[0]["stmt"].items()
-    for node, value in _walk(statements[0]["stmt"]):
+    nodes = list(_walk(statements[0]["stmt"]))
+    for node, value in nodes:
         if node == "CopyStmt":
             return ("REFUSED: COPY is not allowed through this tool: it reads and writes files and runs "
                     "programs on the database server; nothing was run.")
@@ -62,14 +63,16 @@ def refusal(sql: str, read_only: bool) -> str | None:
             why = _function_class(name.rsplit(".", 1)[-1].lower())
             if why:
                 return f"REFUSED: {name}() is a {why}, not allowed through this tool; nothing was run."
-        if read_only and node in WRITE_NODES:
-            return f"REFUSED: {_verb(node)} inside a query changes data; this tool is read-only; nothing was run."
-    if read_only:
-        if kind not in READ_STATEMENTS:
-            return (f"REFUSED: {_verb(kind)} is not a query; this tool is read-only and runs SELECT, VALUES, "
-                    "TABLE, EXPLAIN and SHOW only; nothing was run.")
-        if body.get("intoClause"):
-            return "REFUSED: SELECT INTO creates a table; this tool is read-only; nothing was run."
+    if not read_only:
+        return None
+    if kind not in READ_STATEMENTS:
+        return (f"REFUSED: {_verb(kind)} is not a query; this tool is read-only and runs SELECT, VALUES, "
+                "TABLE, EXPLAIN and SHOW only; nothing was run.")
+    if body.get("intoClause"):
+        return "REFUSED: SELECT INTO creates a table; this tool is read-only; nothing was run."
+    nested = next((node for node, _ in nodes if node in WRITE_NODES), None)
+    if nested:
+        return f"REFUSED: {_verb(nested)} inside a query changes data; this tool is read-only; nothing was run."
     return None
 
 
