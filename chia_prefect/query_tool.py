@@ -450,10 +450,11 @@ def spawn(node: DatabaseNode, session: Any, name: str, read_write: bool) -> Quer
         url = ray.get(actor.url.remote(), timeout=120 if timeout is None else timeout + 60)
     except ray.exceptions.GetTimeoutError:
         ray.kill(actor)
-        from chia_prefect.scheduling import Watch
+        from chia_prefect.scheduling import describe_unscheduled
 
+        # No gate needed to say why: an actor is not a member.
         raise SchedulingTimeoutError(
-            Watch(options, timeout, f"the query tool {name!r} of {node.label}").describe()
+            describe_unscheduled(f"the query tool {name!r} of {node.label}", options, timeout or 120)
         ) from None
 
     def stop() -> None:

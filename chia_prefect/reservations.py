@@ -83,16 +83,17 @@ def held_by(node_token: str) -> Reservation | None:
     """The reservation a node holds now, if any."""
     with _LOCK:
         _reap_ended_runs()
-        for reservation in _RESERVATIONS.values():
-            if any(token == node_token for token, _ in reservation.holds):
-                return reservation
-    return None
+        return _held(node_token)
+
+
+def _held(node_token: str) -> Reservation | None:
+    return next((r for r in _RESERVATIONS.values() if any(t == node_token for t, _ in r.holds)), None)
 
 
 def track_node(node_token: str, object_ref: Any) -> None:
     """Remember a member submitted into the node's group, so its removal waits for it."""
     with _LOCK:
-        reservation = next((r for r in _RESERVATIONS.values() if any(t == node_token for t, _ in r.holds)), None)
+        reservation = _held(node_token)
         if reservation is None:
             return
         if len(reservation.inflight) >= 64:

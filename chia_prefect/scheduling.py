@@ -190,20 +190,25 @@ class Watch:
         return None if end is None else max(0.0, end - time.monotonic())
 
     def describe(self) -> str:
-        asked = {"CPU": self.options.get("num_cpus", 1), **(self.options.get("resources") or {})}
-        strategy = self.options.get("scheduling_strategy")
-        where = ""
-        if getattr(strategy, "placement_group", None) is not None:
-            where = f" in bundle {strategy.placement_group_bundle_index} of placement group " \
-                    f"{_group_label(strategy.placement_group.id.hex())}"
-        elif getattr(strategy, "node_id", None):
-            where = f" on node {strategy.node_id}"
-        return (
-            f"{self.what} was not scheduled on Ray within {self.timeout_s:g} s and was cancelled "
-            f"before it started; nothing was executed. It asked for {_fmt(asked)}{where}. "
-            f"{cluster_report()} Free resources (close() unused nodes, end the flows or actors "
-            "that hold them) or raise placement.schedule_timeout_s."
-        )
+        return describe_unscheduled(self.what, self.options, self.timeout_s)
+
+
+def describe_unscheduled(what: str, options: dict[str, Any], timeout_s: float | None) -> str:
+    """Why `what` (submitted with Ray `options`) was given up after `timeout_s`."""
+    asked = {"CPU": options.get("num_cpus", 1), **(options.get("resources") or {})}
+    strategy = options.get("scheduling_strategy")
+    where = ""
+    if getattr(strategy, "placement_group", None) is not None:
+        where = f" in bundle {strategy.placement_group_bundle_index} of placement group " \
+                f"{_group_label(strategy.placement_group.id.hex())}"
+    elif getattr(strategy, "node_id", None):
+        where = f" on node {strategy.node_id}"
+    return (
+        f"{what} was not scheduled on Ray within {timeout_s:g} s and was cancelled "
+        f"before it started; nothing was executed. It asked for {_fmt(asked)}{where}. "
+        f"{cluster_report()} Free resources (close() unused nodes, end the flows or actors "
+        "that hold them) or raise placement.schedule_timeout_s."
+    )
 
 
 def cluster_report() -> str:
