@@ -13,7 +13,9 @@ actor of the driver's job, the *gate*, when they start:
 The driver waits for a member's result; once `schedule_timeout_s` has passed since the
 submit and the member has not started, it asks the gate to abandon it. The gate refuses
 while members of the same placement started within the last timeout (a long queue that is
-moving is not stuck). An abandoned member is cancelled, its task run set Failed, and
+moving is not stuck), and the driver gives a member whose resources are ready (its placement
+group is reserved, or the CPUs it asks for are free) up to `WORKER_START_S` more: it waits
+for Ray to start a worker process, which takes seconds on a loaded machine. An abandoned member is cancelled, its task run set Failed, and
 `SchedulingTimeoutError` says what the member asked for, what the cluster has free and
 which placement groups hold the rest.
 """
@@ -29,6 +31,8 @@ from chia_prefect.errors import SchedulingTimeoutError
 GATE_NAMESPACE = "chia-prefect"
 # A started member is remembered at least this long (and twice the longest timeout asked).
 _REMEMBER_S = 600.0
+# How much longer than its timeout a member whose resources are ready may wait for a worker.
+WORKER_START_S = 30.0
 
 _driver_gates: dict[str, Any] = {}
 _worker_gates: dict[str, Any] = {}
@@ -54,13 +58,14 @@ class Gate:
         self._forget(now)
         return True
 
-    def abandon(self, task_run_id: str, shape: str, window_s: float) -> str:
-        """'started', 'moving' (others of its shape started lately) or 'abandoned'."""
+    def abandon(self, task_run_id: str, shape: str, window_s: float, warming: bool = False) -> str:
+        """'started', 'moving' (others of its shape started lately, or its resources are ready
+        and a worker is starting: `warming`) or 'abandoned'."""
         now = time.time()
-        self.remember_s = max(self.remember_s, 2 * window_s)
+        self.remember_s = max(self.remember_s, 2 * window_s + WORKER_START_S)
         if task_run_id in self.started:
             return "started"
-        if self.last_start.get(shape, 0.0) > now - window_s:
+        if warming or self.last_start.get(shape, 0.0) > now - window_s:
             return "moving"
         self.abandoned[task_run_id] = now
         return "abandoned"
@@ -162,6 +167,7 @@ class Watch:
     def __init__(self, options: dict[str, Any], timeout_s: float | None, what: str):
         self.options, self.timeout_s, self.what = options, timeout_s, what
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.warm_until = None if timeout_s is None else self.deadline + WORKER_START_S
         self.shape = shape_of(options)
         self.gate = driver_gate() if timeout_s is not None else None
 
@@ -179,15 +185,33 @@ class Watch:
                 break  # done, or the caller's own timeout ran out first
             if now < self.deadline:
                 continue  # woke a little early
-            verdict = ray.get(self.gate.abandon.remote(str(task_run_id), self.shape, self.timeout_s), timeout=60)
+            warming = now < self.warm_until and self.resources_ready()
+            verdict = ray.get(
+                self.gate.abandon.remote(str(task_run_id), self.shape, self.timeout_s, warming), timeout=60
+            )
             if verdict == "started":
                 self.deadline = None
+            elif warming:
+                self.deadline = min(self.warm_until, time.monotonic() + self.timeout_s)
             elif verdict == "moving":
                 self.deadline = time.monotonic() + self.timeout_s
             else:
                 ray.cancel(object_ref)
                 raise SchedulingTimeoutError(self.describe())
         return None if end is None else max(0.0, end - time.monotonic())
+
+    def resources_ready(self) -> bool:
+        """Whether nothing but a worker process stands between the member and its start:
+        its placement group is reserved, or the cluster has free what it asks for."""
+        import ray
+        from ray.util.placement_group import placement_group_table
+
+        group = getattr(self.options.get("scheduling_strategy"), "placement_group", None)
+        if group is not None:
+            return (placement_group_table(group) or {}).get("state") == "CREATED"
+        asked = {"CPU": self.options.get("num_cpus", 1), **(self.options.get("resources") or {})}
+        available = ray.available_resources()
+        return all(available.get(name, 0.0) >= amount for name, amount in asked.items() if amount)
 
     def describe(self) -> str:
         return describe_unscheduled(self.what, self.options, self.timeout_s)

@@ -120,22 +120,24 @@ def test_postgres_member_does_not_wait_forever(every_cpu_held, postgres_dsn):
 
 
 def test_a_moving_queue_is_not_stuck(sqlite_path):
-    """A burst queued longer than the timeout completes: members of its placement keep starting."""
-    db = SQLiteNode(db_path=sqlite_path, placement=Placement(num_cpus=0.5, schedule_timeout_s=2.5))
+    """A burst queued longer than the timeout completes: the first member waits for Ray to start a
+    worker in a reserved bundle (seconds on a loaded machine), the rest for a queue that moves."""
+    timeout = 4.0
+    db = SQLiteNode(db_path=sqlite_path, placement=Placement(num_cpus=0.5, schedule_timeout_s=timeout))
     db.init_schema("CREATE TABLE t (x INTEGER)")
     count = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 1000000) SELECT COUNT(*) FROM c"
 
     @flow(task_runner=FastRayTaskRunner())
     def burst(node: SQLiteNode) -> tuple[int, float]:
-        # One bundle of 0.5 CPU runs one member at a time: 24 members queue for several seconds.
+        # One bundle of 0.5 CPU runs one member at a time: 32 members queue for several seconds.
         started = time.monotonic()
-        futures = [node.query_value.submit(count) for _ in range(24)]
+        futures = [node.query_value.submit(count) for _ in range(32)]
         return sum(f.result() for f in futures), time.monotonic() - started
 
     total, seconds = burst(db)
-    assert total == 24 * 1000000
+    assert total == 32 * 1000000
     # The last members waited longer than the timeout: without the moving-queue rule they fail.
-    assert seconds > 1.5 * 2.5, f"the queue lasted {seconds:.1f} s: not longer than the timeout, proves nothing"
+    assert seconds > 1.5 * timeout, f"the queue lasted {seconds:.1f} s: not longer than the timeout, proves nothing"
 
 
 # --- nothing leaks --------------------------------------------------------------------
