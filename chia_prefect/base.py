@@ -49,6 +49,7 @@ class DatabaseNode(Block, ABC):
     # locates the database and leaves Ray placement and connection tuning below it.
     if TYPE_CHECKING:
         placement: Placement
+        max_concurrency: int | None
         connect_opts: BaseModel
 
     _placement_state: PlacementState = PrivateAttr(default_factory=PlacementState)
@@ -187,6 +188,17 @@ class DatabaseNode(Block, ABC):
         """What identifies the database: nodes with the same key and placement share one
         placement group. Engines narrow it (SQLite: the file)."""
         return (self.engine, self.label)
+
+    def _limit_identity(self) -> str:
+        """What names an unsaved node's concurrency limit: its database, never a secret."""
+        return self.label
+
+    @property
+    def concurrency_limit_name(self) -> str:
+        """The Prefect global concurrency limit that keeps `max_concurrency`."""
+        from chia_prefect.limits import limit_name
+
+        return limit_name(self)
 
     @property
     def reserved_placement_group(self) -> Any:

@@ -37,6 +37,7 @@ from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 
 from chia_prefect import reservations
 from chia_prefect.errors import SchedulingTimeoutError
+from chia_prefect.limits import ensure_limit, member_slot
 from chia_prefect.scheduling import Watch, announce_start
 
 if TYPE_CHECKING:
@@ -126,7 +127,9 @@ def _make_runner(fn: Callable[..., Any], kind: Kind) -> Callable[..., Any]:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         announce_start(kind)  # on a Ray worker: a write the driver gave up on stops here
-        return fn(*map(_unbox, args), **{k: _unbox(v) for k, v in kwargs.items()})
+        node = args[0] if args else None
+        with member_slot(node, f"{node.engine}.{fn.__name__}" if node is not None else fn.__name__):
+            return fn(*map(_unbox, args), **{k: _unbox(v) for k, v in kwargs.items()})
 
     return run
 
@@ -332,6 +335,9 @@ class MemberTask(Task):
         from prefect_ray.context import remote_options
 
         options = self._node._ray_options()
+        if self._node.max_concurrency:
+            # Created here, once, rather than raced for by the first members on their workers.
+            ensure_limit(self._node.concurrency_limit_name, self._node.max_concurrency)
         if self._member.kind == "write":
             # Ray replays a task whose worker died; a committed write would apply twice.
             options["max_retries"] = self.retries or 0

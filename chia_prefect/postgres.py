@@ -13,7 +13,11 @@ untrusted reader is a role granted SELECT only.
 
 from __future__ import annotations
 
+import logging
+import math
+import random
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
@@ -47,6 +51,39 @@ from chia_prefect.errors import (
 )
 from chia_prefect.members import read, write
 from chia_prefect.placement import Placement
+
+
+# Connecting again after the server turned the connection away: first pause, longest pause.
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_MAX_S = 2.0
+# What libpq says when the server turns a connection away before any statement was sent,
+# and why (the connect-time errors carry no SQLSTATE in psycopg).
+_TURNED_AWAY = (
+    ("too many connections", "too many connections"),  # for a role or a database (53300)
+    ("too many clients already", "too many connections"),  # max_connections (53300)
+    ("remaining connection slots are reserved", "too many connections"),
+    ("the database system is starting up", "the server is starting up"),  # 57P03
+    ("not yet accepting connections", "the server is starting up"),
+    ("the database system is in recovery mode", "the server is starting up"),
+    ("the database system is shutting down", "the server is shutting down"),
+    ("terminating connection due to administrator command", "the server is shutting down"),
+    ("connection refused", "the connection was refused"),
+    ('" failed: no such file or directory', "the connection was refused"),  # no server on the socket
+)
+
+
+def _turned_away(text: str) -> str | None:
+    lowered = text.lower()
+    return next((why for needle, why in _TURNED_AWAY if needle in lowered), None)
+
+
+def _connect_logger() -> logging.Logger:
+    from prefect.logging.loggers import get_run_logger
+
+    try:
+        return get_run_logger()  # type: ignore[return-value]
+    except Exception:  # noqa: BLE001 - outside a run
+        return logging.getLogger("chia_prefect")
 
 
 class PostgresConnectOptions(BaseModel):
@@ -118,6 +155,13 @@ class PostgresNode(DatabaseNode):
         title="Placement on Ray",
         description="Where the members run; any worker can reach the server by default.",
     )
+    max_concurrency: int | None = optional_field(
+        ge=1, title="Max concurrent members",
+        description=(
+            "At most this many members (so connections) run at once, across every flow run and "
+            "machine: a Prefect global concurrency limit named after the node. Empty for no cap."
+        ),
+    )
     connect_opts: PostgresConnectOptions = Field(
         default_factory=PostgresConnectOptions,
         title="Connection options",
@@ -175,18 +219,18 @@ class PostgresNode(DatabaseNode):
             params["application_name"] = opts.application_name
         return params
 
+    def _limit_identity(self) -> str:
+        params = self._conninfo(False, self.connect_opts)
+        where = f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+        return f"{params.get('user') or ''}@{where}/{params.get('dbname') or ''}"
+
     @contextmanager
     def connect(self, *, read_only: bool = False, connect_opts: dict | None = None) -> Iterator[Any]:
         import psycopg
 
-        params = self._conninfo(read_only, self.resolve_connect_opts(connect_opts))
-        try:
-            conn = psycopg.connect(autocommit=True, **params)
-        except psycopg.Error as exc:
-            # libpq messages can echo the conninfo; never let the password through.
-            raise NodeConnectionError(
-                f"{self.label}: could not connect to {self._where(params)}: {self.scrub(str(exc)).strip()}"
-            ) from None
+        opts = self.resolve_connect_opts(connect_opts)
+        params = self._conninfo(read_only, opts)
+        conn = self._open(params, opts.connect_timeout_s)
         try:
             yield conn
         except psycopg.OperationalError as exc:
@@ -201,6 +245,44 @@ class PostgresNode(DatabaseNode):
             raise error from None
         finally:
             conn.close()
+
+    def _open(self, params: dict[str, Any], timeout_s: float) -> Any:
+        """Connect; retried with jittered backoff until `timeout_s` runs out while the server
+        turns the connection away before any statement was sent (too many connections, starting
+        up or shutting down, refused), which is safe for any member, a write included."""
+        import psycopg
+
+        deadline = time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            left = deadline - time.monotonic()
+            try:
+                # libpq's own timeout is per attempt and at least 2 s.
+                return psycopg.connect(autocommit=True, **{**params, "connect_timeout": max(2, math.ceil(left))})
+            except psycopg.Error as exc:
+                # libpq messages can echo the conninfo; never let the password through.
+                text = self.scrub(str(exc)).strip()
+                reason = _turned_away(text)
+                pause = random.uniform(0.5, 1.0) * min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2 ** (attempt - 1))
+                left = deadline - time.monotonic()
+                if reason is None or left <= pause:
+                    tried = f" after {attempt} attempts in {timeout_s:g} s" if attempt > 1 else ""
+                    hint = ""
+                    if reason == "too many connections":
+                        hint = (" Cap the node's members with max_concurrency, or raise "
+                                "connect_opts.connect_timeout_s.")
+                    elif reason is not None:
+                        hint = " Raise connect_opts.connect_timeout_s to wait longer."
+                    raise NodeConnectionError(
+                        f"{self.label}: could not connect to {self._where(params)}{tried}: {text}{hint}"
+                    ) from None
+                _connect_logger().info(
+                    f"{self.label}: connecting to {self._where(params)} failed ({reason}: "
+                    f"{text.splitlines()[-1] if text else ''}); retry {attempt} in {pause:.2f} s, "
+                    f"{left:.1f} s left of connect_timeout_s"
+                )
+                time.sleep(pause)
 
     def _where(self, params: dict[str, Any]) -> str:
         host = params.get("host") or "the default host"

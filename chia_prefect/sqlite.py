@@ -141,6 +141,14 @@ class SQLiteNode(DatabaseNode):
         title="Placement on Ray",
         description="Where the members run on a Ray cluster.",
     )
+    max_concurrency: int | None = optional_field(
+        ge=1, title="Max concurrent members",
+        description=(
+            "At most this many members (readers and writers together) run at once, across every "
+            "flow run and machine: a Prefect global concurrency limit named after the node. "
+            "Empty for no cap."
+        ),
+    )
     connect_opts: SQLiteConnectOptions = Field(
         default_factory=SQLiteConnectOptions,
         title="Connection options",
@@ -166,6 +174,9 @@ class SQLiteNode(DatabaseNode):
 
     def _reservation_key(self) -> tuple:
         return (self.engine, self.db_path)
+
+    def _limit_identity(self) -> str:
+        return self.db_path
 
     # --- connections --------------------------------------------------------------------
 

@@ -1,0 +1,149 @@
+"""A node's cap on concurrent members, kept by a Prefect global concurrency limit.
+
+`max_concurrency` on a node block caps how many of its members run at once across every
+process and machine of every flow run that uses the block. The cap is a Prefect global
+concurrency limit named after the node (`concurrency_limit_name`), created or updated to
+the block's value on first use, so it shows on the UI's Concurrency page and an operator
+can see who holds its slots. A member takes one slot as it starts on its worker and gives
+it back when it returns; the slot is leased, so a worker that dies frees it when the lease
+runs out instead of never.
+
+A member that finds every slot taken logs that it waits, and its task run shows the
+`AwaitingConcurrencySlot` state until it gets one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from chia_prefect.base import DatabaseNode
+
+# How long a slot is leased; the holder renews it while the member runs.
+LEASE_S = 60.0
+# A member that found every slot taken asks again after this long, doubling up to the max.
+_POLL_FIRST_S = 0.05
+_POLL_MAX_S = 1.0
+_ensured: dict[str, int] = {}
+_ensured_lock = threading.Lock()
+_log = logging.getLogger("chia_prefect")
+
+
+def limit_name(node: DatabaseNode) -> str:
+    """The Prefect concurrency limit of `node`: its block name when saved, else the database."""
+    saved = getattr(node, "_block_document_name", None)
+    if saved:
+        name = f"chia-prefect {node.get_block_type_slug()} {saved}"
+    else:
+        identity = node._limit_identity()
+        digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
+        name = f"chia-prefect {node.engine} {_short(identity)} {digest}"
+    return re.sub(r"[/%&<>]", "_", name)  # characters Prefect refuses in names
+
+
+def _short(identity: str) -> str:
+    tail = identity.rstrip("/").rsplit("/", 1)[-1]
+    return tail[-40:] or identity[:40]
+
+
+def ensure_limit(name: str, limit: int, refresh: bool = False) -> None:
+    """Create the limit `name` with `limit` slots, or set it to `limit` (once per process)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with _ensured_lock:
+        if not refresh and _ensured.get(name) == limit:
+            return
+    with get_client(sync_client=True) as client:
+        try:
+            existing = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+            except ObjectAlreadyExists:
+                existing = client.read_global_concurrency_limit_by_name(name)
+            else:
+                existing = None
+        if existing is not None and (existing.limit != limit or not existing.active):
+            client.update_global_concurrency_limit(
+                name, GlobalConcurrencyLimitUpdate(limit=limit, active=True)
+            )
+    with _ensured_lock:
+        _ensured[name] = limit
+
+
+@contextmanager
+def member_slot(node: DatabaseNode, what: str) -> Iterator[None]:
+    """Hold one slot of `node`'s limit around a member (nothing when it has no cap)."""
+    cap = getattr(node, "max_concurrency", None)
+    if not cap:
+        yield
+        return
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+    from prefect.concurrency.sync import concurrency
+
+    name = limit_name(node)
+    ensure_limit(name, cap)
+    slot, waited, pause = ExitStack(), False, _POLL_FIRST_S
+    while True:
+        try:
+            slot.enter_context(concurrency(name, occupy=1, max_retries=0, lease_duration=LEASE_S, strict=True))
+            break
+        except ConcurrencySlotAcquisitionError as exc:
+            if "must be created" in str(exc):  # deleted since: put it back
+                ensure_limit(name, cap, refresh=True)
+            elif getattr(getattr(exc.__cause__, "response", None), "status_code", None) != 423:
+                raise
+        if not waited:
+            waited = True
+            message = (f"{what} waits for a slot of concurrency limit '{name}' "
+                       f"(max_concurrency={cap}: that many members of this node run at once)")
+            _run_logger().info(message)
+            _show_state("AwaitingConcurrencySlot", message)
+        # Our own pace, not the server's Retry-After: that assumes slots held for seconds.
+        time.sleep(random.uniform(0.5, 1.0) * pause)
+        pause = min(_POLL_MAX_S, pause * 2)
+    if waited:
+        _show_state("Running", None)
+        _run_logger().info(f"{what} got a slot of concurrency limit '{name}'")
+    with slot:
+        yield
+
+
+def _run_logger() -> Any:
+    from prefect.logging.loggers import get_run_logger
+
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a run
+        return _log
+
+
+def _show_state(name: str, message: str | None) -> None:
+    """Show in the task run's state that the member waits (or runs again), through the
+    same event stream the task engine reports its states on."""
+    from prefect.context import TaskRunContext
+    from prefect.states import AwaitingConcurrencySlot, Running
+    from prefect.utilities.engine import emit_task_run_state_change_event
+
+    ctx = TaskRunContext.get()
+    if ctx is None:
+        return
+    task_run = ctx.task_run
+    state = AwaitingConcurrencySlot(message=message) if name == "AwaitingConcurrencySlot" else Running()
+    state.state_details.task_run_id = task_run.id
+    state.state_details.flow_run_id = task_run.flow_run_id
+    previous = task_run.state
+    try:
+        emit_task_run_state_change_event(task_run=task_run, initial_state=previous, validated_state=state)
+    except Exception:  # noqa: BLE001 - showing the wait must not fail the member
+        _log.debug("could not report the task run's state", exc_info=True)
