@@ -22,7 +22,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFi
 from prefect.context import get_run_context
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from chia_prefect import ConnectionLostError, FastRayTaskRunner, PostgresNode
+from chia_prefect import ConnectionLostError, FastRayTaskRunner, PostgresNode, SQLiteNode
 
 pytestmark = [pytest.mark.postgres, pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
@@ -243,3 +243,38 @@ def test_a_write_cut_off_mid_statement_is_not_retried(table):
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     assert [(r.state.type.value, r.run_count) for r in runs] == [("FAILED", 1)]
+
+
+def test_on_sqlite_the_cap_counts_readers_and_writers_together(sqlite_path):
+    db = SQLiteNode(db_path=sqlite_path, max_concurrency=2)
+    db.init_schema("CREATE TABLE t (x INTEGER)")  # in-process, outside any flow
+    count = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 200000) SELECT COUNT(*) FROM c"
+
+    @flow(task_runner=FastRayTaskRunner())
+    def mixed(node: SQLiteNode) -> int:
+        futures = [node.query_value.submit(count) if i % 2 else node.execute.submit("INSERT INTO t VALUES (?)", (i,))
+                   for i in range(20)]
+        for future in futures:
+            future.wait()
+        return node.query_value("SELECT COUNT(*) FROM t")
+
+    name, peak, stop = db.concurrency_limit_name, [0], threading.Event()
+
+    def sample() -> None:
+        with get_client(sync_client=True) as client:
+            while not stop.is_set():
+                try:
+                    peak[0] = max(peak[0], client.read_global_concurrency_limit_by_name(name).active_slots)
+                except Exception:  # noqa: BLE001 - not created yet
+                    pass
+                time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        assert mixed(db) == 10
+    finally:
+        stop.set()
+        sampler.join(10)
+    assert name.startswith("chia-prefect sqlite test.db ") and "/" not in name
+    assert 1 <= peak[0] <= 2, f"{peak[0]} members held slots at once with max_concurrency=2"
