@@ -77,6 +77,12 @@ def _turned_away(text: str) -> str | None:
     return next((why for needle, why in _TURNED_AWAY if needle in lowered), None)
 
 
+def _server_words(text: str) -> str:
+    """What the server said, from libpq's first line ('connection to server ... failed: X')."""
+    first = text.splitlines()[0] if text else ""
+    return " ".join(first.rsplit("failed: ", 1)[-1].split())
+
+
 def _connect_logger() -> logging.Logger:
     from prefect.logging.loggers import get_run_logger
 
@@ -279,7 +285,7 @@ class PostgresNode(DatabaseNode):
                     ) from None
                 _connect_logger().info(
                     f"{self.label}: connecting to {self._where(params)} failed ({reason}: "
-                    f"{text.splitlines()[-1] if text else ''}); retry {attempt} in {pause:.2f} s, "
+                    f"{_server_words(text)}); retry {attempt} in {pause:.2f} s, "
                     f"{left:.1f} s left of connect_timeout_s"
                 )
                 time.sleep(pause)

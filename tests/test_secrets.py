@@ -9,7 +9,16 @@ import pytest
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from helpers import wait_until
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect_ray import RayTaskRunner
 from pydantic import ValidationError
@@ -114,11 +123,15 @@ def test_flow_runs_leave_no_password(caplog, postgres_dsn):
     states = (bad, bad_migration, good)
 
     async def everything_recorded() -> tuple[str, dict]:
+        # Read by id: the session's API holds thousands of runs by now, and an unfiltered
+        # read returns only the API's default page of them.
         async with get_client() as client:
             texts, counts = [], {"flow_runs": 0, "logs": 0, "task_runs": 0, "artifacts": 0, "documents": 0}
-            runs = await client.read_flow_runs()  # the flows and their migrate subflows
-            ids = {state.state_details.flow_run_id for state in states}
-            runs = [r for r in runs if r.id in ids or (r.parent_task_run_id is not None)]
+            ids = [state.state_details.flow_run_id for state in states]
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+            runs += await client.read_flow_runs(  # the migrate subflows
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=ids)))
+            run_ids = [run.id for run in runs]
             for run in runs:
                 texts += [run.model_dump_json()]
                 logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
@@ -126,10 +139,11 @@ def test_flow_runs_leave_no_password(caplog, postgres_dsn):
                 counts["logs"] += len(logs)
             counts["flow_runs"] = len(runs)
             texts += [state.message or "" for state in states]
-            tasks = await client.read_task_runs()
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)))
             texts += [t.model_dump_json() for t in tasks]
             counts["task_runs"] = len(tasks)
-            artifacts = await client.read_artifacts()
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=run_ids)))
             texts += [a.model_dump_json() for a in artifacts]
             counts["artifacts"] = len(artifacts)
             for name in ("secret-bad", "secret-good"):
@@ -138,7 +152,14 @@ def test_flow_runs_leave_no_password(caplog, postgres_dsn):
                 counts["documents"] += 1
             return "\n".join(texts), counts
 
-    recorded, counts = run_coro_as_sync(everything_recorded())
+    def all_recorded() -> tuple[str, dict] | None:
+        recorded, counts = run_coro_as_sync(everything_recorded())
+        expected = ("127.0.0.1:1", "NO_SUCH_TYPE", "Migration outcome", "node-summary")
+        return (recorded, counts) if all(text in recorded for text in expected) else None
+
+    # Logs reach the API in batches: wait for the last of them.
+    found = wait_until(all_recorded, timeout=30, interval=1, what="the failures and artifacts recorded")
+    recorded, counts = found
     print(f"scanned: {counts}, {len(recorded)} characters")
     assert "127.0.0.1:1" in recorded  # the failure is there, named by its target
     assert "NO_SUCH_TYPE" in recorded and "Migration outcome" in recorded and "node-summary" in recorded
