@@ -96,7 +96,10 @@ def member_slot(node: DatabaseNode, what: str) -> Iterator[None]:
     slot, waited, pause = ExitStack(), False, _POLL_FIRST_S
     while True:
         try:
-            slot.enter_context(concurrency(name, occupy=1, max_retries=0, lease_duration=LEASE_S, strict=True))
+            # A lease renewal that fails must not interrupt a member mid-write: the slot then
+            # frees when the lease runs out, at worst letting one more member in.
+            slot.enter_context(concurrency(name, occupy=1, max_retries=0, lease_duration=LEASE_S, strict=True,
+                                           raise_on_lease_renewal_failure=False))
             break
         except ConcurrencySlotAcquisitionError as exc:
             if "must be created" in str(exc):  # deleted since: put it back
