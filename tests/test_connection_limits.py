@@ -62,13 +62,21 @@ def burst(node: PostgresNode, first: int, count: int) -> str:
     futures = [node.execute.submit(WRITE, (first + i,)) for i in range(count)]
     for future in futures:
         future.wait()
+    failed = [str(f.state.message) for f in futures if not f.state.is_completed()]
+    assert not failed, f"{len(failed)} writes failed, the first: {failed[0]}"
     return str(get_run_context().flow_run.id)
 
 
 def task_run_states(flow_run_id: str) -> list[str]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)])))
-    return [r.state.type.value for r in runs]
+    """The run's task run states once they are all final (the workers report them as events)."""
+    def final() -> list[str] | None:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)])))
+        states = [r.state.type.value for r in runs]
+        return states if all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states) else None
+
+    return wait_until(final, timeout=60, interval=0.5, what="every task run final")
 
 
 def run_logs(flow_run_id: str) -> list[str]:
@@ -111,11 +119,12 @@ def test_burst_against_a_role_connection_limit_loses_nothing(limited_role, table
     elapsed = time.monotonic() - started
     assert rows(table) == list(range(BURST))
     assert task_run_states(flow_run_id) == ["COMPLETED"] * BURST
-    assert peak.peak == 2, f"peak {peak.peak} connections over {peak.samples} samples"
     # The limit was hit and connections retried, each retry logged once at INFO.
     retried = wait_until(lambda: [m for m in run_logs(flow_run_id) if "too many connections" in m and "retry" in m],
-                         timeout=15, what="a logged connect retry")
-    print(f"\n{BURST} writes against CONNECTION LIMIT 2: 0 failed, peak 2, {len(retried)} retries, {elapsed:.1f} s")
+                         timeout=60, interval=0.5, what="a logged connect retry")
+    # (Not asserted: a backend the server is turning away can show in pg_stat_activity.)
+    print(f"\n{BURST} writes against CONNECTION LIMIT 2: 0 failed, peak {peak.peak} connections seen, "
+          f"{len(retried)} retries, {elapsed:.1f} s")
 
 
 def saved_node(dsn: str, app: str, cap: int | None) -> PostgresNode:
@@ -148,7 +157,7 @@ def test_max_concurrency_caps_the_nodes_connections(table):
     assert limit.limit == 3 and limit.active_slots == 0
     # Members that waited said so, in their logs and in their task run's state.
     waited = wait_until(lambda: [m for m in run_logs(flow_run_id) if "waits for a slot of concurrency limit" in m],
-                        timeout=15, what="a logged wait for a slot")
+                        timeout=60, interval=0.5, what="a logged wait for a slot")
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)])))
         names = {s.name for r in runs for s in client.read_task_run_states(r.id)}
