@@ -22,12 +22,15 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFi
 from prefect.context import get_run_context
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from chia_prefect import ConnectionLostError, FastRayTaskRunner, PostgresNode, SQLiteNode
+from chia_prefect import ConnectionLostError, FastRayTaskRunner, Placement, PostgresNode, SQLiteNode
 
 pytestmark = [pytest.mark.postgres, pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
 BURST = 60
 WRITE = "INSERT INTO t (x) SELECT %s FROM pg_sleep(0.1)"  # holds its connection 0.1 s
+# A burst of 60 makes Ray start some 20 worker processes at once on 2 cores; what these tests
+# measure is the database's limits, not how long that takes.
+PATIENT = Placement(require_colocated=False, schedule_timeout_s=600)
 
 
 class PeakConnections:
@@ -112,7 +115,8 @@ def limited_role(table):
 
 def test_burst_against_a_role_connection_limit_loses_nothing(limited_role, table):
     app = f"role-limit-{uuid.uuid4().hex[:6]}"
-    db = PostgresNode(dsn=limited_role, connect_opts={"application_name": app, "connect_timeout_s": 60})
+    db = PostgresNode(dsn=limited_role, placement=PATIENT,
+                      connect_opts={"application_name": app, "connect_timeout_s": 60})
     started = time.monotonic()
     with PeakConnections(table, app) as peak:
         flow_run_id = burst(db, 0, BURST)
@@ -129,13 +133,13 @@ def test_burst_against_a_role_connection_limit_loses_nothing(limited_role, table
 
 def saved_node(dsn: str, app: str, cap: int | None) -> PostgresNode:
     name = f"capped-{uuid.uuid4().hex[:8]}"
-    PostgresNode(dsn=dsn, max_concurrency=cap, connect_opts={"application_name": app}).save(name)
+    PostgresNode(dsn=dsn, max_concurrency=cap, placement=PATIENT, connect_opts={"application_name": app}).save(name)
     return PostgresNode.load(name)
 
 
 def test_max_concurrency_caps_the_nodes_connections(table):
     app = f"capped-{uuid.uuid4().hex[:6]}"
-    uncapped = PostgresNode(dsn=table, connect_opts={"application_name": app})
+    uncapped = PostgresNode(dsn=table, placement=PATIENT, connect_opts={"application_name": app})
     started = time.monotonic()
     with PeakConnections(table, app) as without_cap:
         burst(uncapped, 0, BURST)
