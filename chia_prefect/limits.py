@@ -82,7 +82,7 @@ def ensure_limit(name: str, limit: int, refresh: bool = False) -> None:
 
 
 @contextmanager
-def member_slot(node: DatabaseNode, what: str) -> Iterator[None]:
+def member_slot(node: DatabaseNode | None, member: str) -> Iterator[None]:
     """Hold one slot of `node`'s limit around a member (nothing when it has no cap)."""
     cap = getattr(node, "max_concurrency", None)
     if not cap:
@@ -91,6 +91,7 @@ def member_slot(node: DatabaseNode, what: str) -> Iterator[None]:
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
 
+    what = f"{node.engine}.{member}"
     name = limit_name(node)
     ensure_limit(name, cap)
     slot, waited, pause = ExitStack(), False, _POLL_FIRST_S
@@ -110,19 +111,20 @@ def member_slot(node: DatabaseNode, what: str) -> Iterator[None]:
             waited = True
             message = (f"{what} waits for a slot of concurrency limit '{name}' "
                        f"(max_concurrency={cap}: that many members of this node run at once)")
-            _run_logger().info(message)
+            run_logger().info(message)
             _show_state("AwaitingConcurrencySlot", message)
         # Our own pace, not the server's Retry-After: that assumes slots held for seconds.
         time.sleep(random.uniform(0.5, 1.0) * pause)
         pause = min(_POLL_MAX_S, pause * 2)
     if waited:
         _show_state("Running", None)
-        _run_logger().info(f"{what} got a slot of concurrency limit '{name}'")
+        run_logger().info(f"{what} got a slot of concurrency limit '{name}'")
     with slot:
         yield
 
 
-def _run_logger() -> Any:
+def run_logger() -> Any:
+    """The task or flow run's logger; the package's own outside a run."""
     from prefect.logging.loggers import get_run_logger
 
     try:

@@ -127,8 +127,7 @@ def _make_runner(fn: Callable[..., Any], kind: Kind) -> Callable[..., Any]:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         announce_start(kind)  # on a Ray worker: a write the driver gave up on stops here
-        node = args[0] if args else None
-        with member_slot(node, f"{node.engine}.{fn.__name__}" if node is not None else fn.__name__):
+        with member_slot(args[0] if args else None, fn.__name__):
             return fn(*map(_unbox, args), **{k: _unbox(v) for k, v in kwargs.items()})
 
     return run

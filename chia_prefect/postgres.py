@@ -13,7 +13,6 @@ untrusted reader is a role granted SELECT only.
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import re
@@ -41,6 +40,7 @@ from chia_prefect._sql import (
 )
 from chia_prefect._ui import optional_field
 from chia_prefect.base import LOGO_BASE_URL, DatabaseNode
+from chia_prefect.limits import run_logger
 from chia_prefect.errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
@@ -81,15 +81,6 @@ def _server_words(text: str) -> str:
     """What the server said, from libpq's first line ('connection to server ... failed: X')."""
     first = text.splitlines()[0] if text else ""
     return " ".join(first.rsplit("failed: ", 1)[-1].split())
-
-
-def _connect_logger() -> logging.Logger:
-    from prefect.logging.loggers import get_run_logger
-
-    try:
-        return get_run_logger()  # type: ignore[return-value]
-    except Exception:  # noqa: BLE001 - outside a run
-        return logging.getLogger("chia_prefect")
 
 
 class PostgresConnectOptions(BaseModel):
@@ -283,7 +274,7 @@ class PostgresNode(DatabaseNode):
                     raise NodeConnectionError(
                         f"{self.label}: could not connect to {self._where(params)}{tried}: {text}{hint}"
                     ) from None
-                _connect_logger().info(
+                run_logger().info(
                     f"{self.label}: connecting to {self._where(params)} failed ({reason}: "
                     f"{_server_words(text)}); retry {attempt} in {pause:.2f} s, "
                     f"{left:.1f} s left of connect_timeout_s"
