@@ -42,9 +42,14 @@ class Reservation:
     bundle_index: int
     holds: set[tuple[str, int | None]] = field(default_factory=set)
     inflight: list[Any] = field(default_factory=list)
+    # Set once the group is removed; the nodes that held it last, whose close() waits for that.
+    removed: threading.Event = field(default_factory=threading.Event)
+    last_holders: frozenset[str] = frozenset()
 
 
 _RESERVATIONS: dict[tuple, Reservation] = {}
+# Reservations whose last hold went and whose group is being removed (by any thread).
+_REMOVING: list[Reservation] = []
 # Flow-run contexts that hold something, by id(context): the context is kept alive here
 # until its run ends, so the id stays unique.
 _RUNS: dict[int, Any] = {}
@@ -115,8 +120,16 @@ def on_run_end(finalizer: Callable[[], None]) -> bool:
 
 
 def release_node(node_token: str) -> None:
-    """Drop every hold of one node (its `close()`)."""
+    """Drop every hold of one node (its `close()`); returns once its group is removed.
+
+    The group may be being removed by another thread already (the reaper, as the flow run
+    that held it ended): `close()` waits for that too, so a closed node's group is gone.
+    """
     _release(lambda hold: hold[0] == node_token)
+    with _LOCK:
+        pending = [r for r in _REMOVING if node_token in r.last_holders]
+    for reservation in pending:
+        reservation.removed.wait(_INFLIGHT_GRACE_S + 10)
 
 
 def release_all() -> None:
@@ -217,11 +230,19 @@ def _release(matches: Callable[[tuple[str, int | None]], bool]) -> None:
     emptied = []
     with _LOCK:
         for key, reservation in list(_RESERVATIONS.items()):
+            holders = frozenset(token for token, _ in reservation.holds)
             reservation.holds = {hold for hold in reservation.holds if not matches(hold)}
             if not reservation.holds:
+                reservation.last_holders = holders
                 emptied.append(_RESERVATIONS.pop(key))
+                _REMOVING.append(reservation)
     for reservation in emptied:
-        _remove(reservation)
+        try:
+            _remove(reservation)
+        finally:
+            reservation.removed.set()
+            with _LOCK:
+                _REMOVING.remove(reservation)
 
 
 def _remove(reservation: Reservation) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import ray
@@ -122,6 +123,35 @@ def test_default_sqlite_placement_group(sqlite_path):
         group = seen[0]["group"]
         assert group is not None
         assert nodes_of(seen) == {placement_group_table()[group]["bundles_to_node_id"][0]}
+    assert placement_group_table()[group]["state"] == "REMOVED"
+
+
+@ray.remote(num_cpus=0)
+def _linger(seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+@flow(task_runner=RayTaskRunner())
+def leave_a_member_running(db: ProbeSQLiteNode) -> str:
+    """Reserve the group in this run, and leave a member running in it as the run ends."""
+    from chia_prefect import reservations
+
+    db.where()
+    group = db.reserved_placement_group
+    reservations.track_node(db._placement_state.token, _linger.options(**db._ray_options()).remote(3))
+    return group.id.hex()
+
+
+def test_close_waits_for_a_removal_already_under_way(sqlite_path):
+    # The run's end starts removing the group (waiting for the member still in it); a
+    # close() meanwhile must not return before the group is gone.
+    db = ProbeSQLiteNode(db_path=sqlite_path)
+    group = leave_a_member_running(db)
+    time.sleep(0.5)  # the reaper has seen the run end and waits for the member
+    assert placement_group_table()[group]["state"] == "CREATED"
+    db.close()
     assert placement_group_table()[group]["state"] == "REMOVED"
 
 
