@@ -9,7 +9,9 @@
 
 from chia_prefect._sql import ExecResult
 from chia_prefect.base import DatabaseNode
+from chia_prefect.cluster import install_address_check
 from chia_prefect.errors import (
+    BlockNotFoundError,
     ChiaPrefectError,
     CommitOutcomeUnknownError,
     ConfigurationError,
@@ -21,6 +23,7 @@ from chia_prefect.errors import (
     NodeConnectionError,
     PlacementError,
     PrivilegedRoleError,
+    RayClusterError,
     SchedulingTimeoutError,
     StorageFullError,
     TransactionControlError,
@@ -31,7 +34,10 @@ from chia_prefect.postgres import PostgresConnectOptions, PostgresNode
 from chia_prefect.runner import FastRayTaskRunner
 from chia_prefect.sqlite import SQLiteConnectOptions, SQLiteNode
 
+install_address_check()  # RayTaskRunner checks a cluster's address and token before ray.init
+
 __all__ = [
+    "BlockNotFoundError",
     "ChiaPrefectError",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
@@ -50,6 +56,7 @@ __all__ = [
     "PostgresConnectOptions",
     "PostgresNode",
     "PrivilegedRoleError",
+    "RayClusterError",
     "SQLiteConnectOptions",
     "SchedulingTimeoutError",
     "SQLiteNode",

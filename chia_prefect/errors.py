@@ -11,6 +11,8 @@ or disk as `StorageFullError`.
     │   ├── PlacementError                   conflicting or unusable placement options
     │   │   └── SchedulingTimeoutError       Ray could not place the work in bounded time
     │   ├── NetworkFilesystemError           SQLite file on NFS/SMB/...: WAL would corrupt it
+    │   ├── RayClusterError                  a Ray cluster address is down, or its token is missing
+    │   ├── BlockNotFoundError               no saved node by that name (or several match)
     │   └── PrivilegedRoleError              a query tool's Postgres role can reach server files
     ├── InvalidOperationError (ValueError)   a member was called with input it refuses
     │   ├── InvalidIdentifierError           table/column/type rejected before any SQL
@@ -49,6 +51,15 @@ class SchedulingTimeoutError(PlacementError):
 
 class NetworkFilesystemError(ConfigurationError):
     """A SQLite database path lies on a network filesystem."""
+
+
+class RayClusterError(ConfigurationError):
+    """The Ray cluster at an address cannot be joined: nothing answers, or it requires a
+    token this process does not send."""
+
+
+class BlockNotFoundError(ConfigurationError, LookupError):
+    """No saved node goes by the name given, or a bare name matches several node types."""
 
 
 class PrivilegedRoleError(ConfigurationError):

@@ -44,7 +44,9 @@ def ray_task_runner() -> Any:
 
     if os.environ.get("RAY_ADDRESS"):
         return RayTaskRunner(address=os.environ["RAY_ADDRESS"])
-    return RayTaskRunner(address="local", init_kwargs={"num_cpus": 2, "include_dashboard": False})
+    # address="local" in init_kwargs, not as the runner's address: the runner would log
+    # "Connecting to an existing Ray instance at local" just before it starts a new one.
+    return RayTaskRunner(init_kwargs={"address": "local", "num_cpus": 2, "include_dashboard": False})
 
 
 @contextmanager
