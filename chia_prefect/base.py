@@ -226,6 +226,29 @@ class DatabaseNode(Block, ABC):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        """Validate saved block data; a saved block that fails says what to fix.
+
+        Prefect's `Block.load("slug/name")` builds the node through here; its own message
+        would advise loading with `validate=False`, which gives a node that cannot work.
+        """
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err.get('loc', ())) or 'value'}: "
+                f"{str(err.get('msg', '')).removeprefix('Value error, ').rstrip('.')}"
+                for err in exc.errors()
+            )
+            name = _loading_block_name()
+            which = f"The saved {cls.get_block_type_name()} block {name!r}" if name else (
+                f"A saved {cls.get_block_type_name()} block")
+            raise ConfigurationError(
+                f"{which} is not valid: {problems}. Fix it in the "
+                f"Prefect UI (Blocks, {cls.get_block_type_slug()}) or save it again from code."
+            ) from None
+
     def __getstate__(self) -> dict[Any, Any]:
         # Workers get configuration only: placement is the driver's business.
         state = super().__getstate__()
@@ -251,6 +274,23 @@ def _members(cls: type) -> dict[str, Member]:
     for klass in reversed(cls.__mro__):
         found.update({k: v for k, v in vars(klass).items() if isinstance(v, Member)})
     return found
+
+
+def _loading_block_name() -> str | None:
+    """The name of the block document Prefect is loading, if a caller a few frames up holds
+    it (`Block._from_block_document`): Prefect does not pass it to `model_validate`."""
+    import sys
+
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return None
+        document = frame.f_locals.get("block_document")
+        name = getattr(document, "name", None)
+        if isinstance(name, str):
+            return name
+        frame = frame.f_back
+    return None
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -89,6 +89,15 @@ class MigrationPlan:
     pending: list[Migration] = field(default_factory=list)
     applied: list[dict[str, Any]] = field(default_factory=list)
 
+    def text(self) -> str:
+        """The plan for a terminal: current, target and each pending version by name."""
+        head = f"current version {self.current}, target {self.target}"
+        if not self.pending:
+            return f"{head}: nothing to apply."
+        rows = [f"  {m.version:>4}  {m.name}{'' if m.transactional else '   (no-transaction: not atomic)'}"
+                for m in self.pending]
+        return "\n".join([f"{head}; {len(self.pending)} pending:", *rows])
+
     def markdown(self, title: str = "Migration plan") -> str:
         lines = [f"# {title}", "", f"current version **{self.current}** → target **{self.target}**", ""]
         if not self.pending:
@@ -131,6 +140,10 @@ def check_sequence(migrations: list[Migration], where: str = "migrations") -> li
 
 
 def _applied(node: DatabaseNode) -> list[dict[str, Any]]:
+    # A SQLite file not created yet is version 0: asked first, so the probe below does not
+    # fail a task run (a Failed run and a traceback in the first migration's output).
+    if node.engine == "sqlite" and not node.exists():
+        return []
     try:
         exists = node.query_value(node.render(_TABLE_EXISTS[node.engine]), (VERSION_TABLE,))
     except DatabaseNotFoundError:  # a SQLite file not created yet: version 0
@@ -238,13 +251,15 @@ def migrate(
             script and record every migration as applied, instead of replaying history.
 
     Returns:
-        `{"from", "to", "applied", "applied_elsewhere", "dry_run"}`.
+        `{"from", "to", "target", "pending", "applied", "applied_elsewhere", "dry_run"}`:
+        `pending` names what the plan found to apply (with `dry_run`, what would run).
     """
     logger = get_run_logger()
     migrations = check_sequence(list(migrations))
     the_plan = plan(node, migrations, target=target)
     create_markdown_artifact(the_plan.markdown(), key="migration-plan", description="Pending migrations")
-    outcome: dict[str, Any] = {"from": the_plan.current, "to": the_plan.current, "applied": [],
+    outcome: dict[str, Any] = {"from": the_plan.current, "to": the_plan.current, "target": the_plan.target,
+                               "pending": [m.label for m in the_plan.pending], "applied": [],
                                "applied_elsewhere": [], "dry_run": dry_run}
     if dry_run or not the_plan.pending:
         return outcome

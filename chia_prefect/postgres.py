@@ -304,6 +304,7 @@ class PostgresNode(DatabaseNode):
 
     def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict | None) -> list[dict]:
         check_single_params(params, "query")
+        _check_paramstyle(sql, params, "query")
         with self.connect(read_only=True, connect_opts=connect_opts) as conn:
             cur = conn.cursor()
             if limit is None:
@@ -387,6 +388,7 @@ class PostgresNode(DatabaseNode):
     def execute(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> ExecResult:
         """Run one statement in its own committed transaction; `RETURNING` rows attached."""
         check_single_params(params, "execute")
+        _check_paramstyle(sql, params, "execute")
         refuse_transaction_control(sql, all_statements=True, where="execute")
         with self._atomic(connect_opts) as cur:
             return _run_one(cur, sql, params)
@@ -395,6 +397,7 @@ class PostgresNode(DatabaseNode):
     def executemany(self, sql: str, seq_of_params: list, *, connect_opts: dict | None = None) -> ExecResult:
         """Run `sql` once per parameter set (pipelined), in one transaction."""
         check_rows(seq_of_params, "executemany")
+        _check_paramstyle(sql, seq_of_params, "executemany")
         refuse_transaction_control(sql, all_statements=True, where="executemany")
         with self._atomic(connect_opts) as cur:
             return run_many(cur, sql, seq_of_params)
@@ -435,6 +438,8 @@ class PostgresNode(DatabaseNode):
     def transaction(self, ops: list, *, connect_opts: dict | None = None) -> list[ExecResult]:
         """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
         checked = normalize_ops(ops, all_statements=self.multi_statement)
+        for op in checked:
+            _check_paramstyle(op.sql, op.params, f"transaction op {op.index}")
         with self._atomic(connect_opts) as cur:
             return run_ops(cur, checked, _run_one)
 
@@ -456,6 +461,21 @@ class PostgresNode(DatabaseNode):
     ) -> Any:
         """First column of the first row, `default` when no row (a NULL row gives None)."""
         return first_value(self._fetch(sql, params, 1, connect_opts), default)
+
+
+_FORMAT_PLACEHOLDER = re.compile(r"%(\([^)]*\))?[sbt]")
+
+
+def _check_paramstyle(sql: object, params: object, where: str) -> None:
+    """Refuse `?` placeholders before anything runs: psycopg takes `%s` (paramstyle format)
+    and would only say the counts differ."""
+    if not params or not isinstance(sql, str) or "?" not in sql or _FORMAT_PLACEHOLDER.search(sql):
+        return
+    raise InvalidOperationError(
+        f"{where}: the SQL has ? placeholders, but PostgreSQL takes %s (or %(name)s); write %s, or "
+        "write ? and pass the SQL through db.render(sql), which renders it for the node's "
+        "paramstyle. Nothing was executed."
+    )
 
 
 def _run_one(cur: Any, sql: str, params: tuple | dict | None) -> ExecResult:

@@ -18,9 +18,11 @@ guard, not a wall: give `dsn=` a role granted SELECT only.
 from __future__ import annotations
 
 import hmac
+import os
 import secrets
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -464,3 +466,62 @@ def spawn(node: DatabaseNode, session: Any, name: str, read_write: bool) -> Quer
             ray.kill(actor)
 
     return QueryTool(name, url, stop, token)
+
+
+def serve_block_stdio(args: Any) -> int:
+    """`chia-prefect mcp --block ...`: serve a saved node's tool over stdio.
+
+    Logs go to stderr; stdout carries the protocol. When the block cannot be served (no API,
+    no such block, a privileged role), the reason reaches the client as the JSON-RPC error
+    of its `initialize` request, not as a closed connection.
+    """
+    from chia_prefect.cli import _block
+    from chia_prefect.ops import load_node
+
+    try:
+        block = _block(args.block)
+        node = load_node(block)
+        caps = Caps(args.row_limit, args.cell_char_limit, args.total_char_limit, args.time_limit_s)
+        if node.engine == "sqlite":
+            session: Any = SQLiteToolSession(node.db_path, caps)
+        else:
+            session = PostgresToolSession(node, caps)
+            session.check_role(args.allow_privileged_role)
+    except Exception as exc:  # noqa: BLE001 - every reason goes to the client
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"chia-prefect mcp: error: {reason}", file=sys.stderr)
+        _refuse_stdio(f"chia-prefect cannot serve {args.block!r}: {reason}")
+        return 1
+    build_server(session, args.name or block.split("/")[-1], args.read_write).run("stdio")
+    return 0
+
+
+def _refuse_stdio(reason: str, wait_s: float = 30.0) -> None:
+    """Answer the client's requests on stdin with a JSON-RPC error carrying `reason`, until
+    it closes stdin (or `wait_s` passes without a request)."""
+    import json
+    import select
+
+    deadline = time.monotonic() + wait_s
+    buffer = b""
+    stdin = sys.stdin.buffer
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([stdin], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return
+        chunk = os.read(stdin.fileno(), 65536)
+        if not chunk:
+            return
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(message, dict) and "id" in message and "method" in message:
+                error = {"jsonrpc": "2.0", "id": message["id"], "error": {"code": -32603, "message": reason}}
+                sys.stdout.write(json.dumps(error) + "\n")
+                sys.stdout.flush()
+                if message["method"] == "initialize":
+                    return

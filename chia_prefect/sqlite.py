@@ -314,6 +314,11 @@ class SQLiteNode(DatabaseNode):
             return True
 
     @read
+    def exists(self, *, connect_opts: dict | None = None) -> bool:
+        """Whether the database file exists on the machine the members run on."""
+        return os.path.exists(self.db_path)
+
+    @read
     def schema(self, *, connect_opts: dict | None = None) -> str:
         """The CREATE statements of every table, index, view and trigger."""
         rows = self._fetch(

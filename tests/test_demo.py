@@ -21,7 +21,8 @@ def test_demo_command_prints_summary_and_is_idempotent(tmp_path):
     outputs, errors = [], []
     for _ in range(2):
         run = subprocess.run(
-            [sys.executable, "flows/atomic_demo.py", "--db-path", str(db_path), "--entries", "2", "--iterations", "3"],
+            [str(Path(sys.executable).parent / "chia-prefect"), "demo", "--db-path", str(db_path),
+             "--entries", "2", "--iterations", "3"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -38,8 +39,14 @@ def test_demo_command_prints_summary_and_is_idempotent(tmp_path):
         assert "bench-000" in out and "over 6 runs" in out
     stored = [out.split("iterations stored:", 1)[1] for out in outputs]
     assert stored[0] == stored[1]  # same rows, same summary
-    # One Prefect API per run: Ray workers (whose logs reach stderr) never start their own.
+    # One Prefect API per run.
     assert [e.count("Starting temporary server") for e in errors] == [1, 1]
+    # Clean output: no failed probe, no traceback, no Ray notices meant for someone else.
+    for text in (*outputs, *errors):
+        for noise in ("ERROR", "Traceback", "Failed", "Connecting to an existing Ray instance",
+                      "Token authentication", "RAY_DEDUP_LOGS", "UserWarning"):
+            assert noise not in text, (noise, text[-3000:])
+    assert "chia-prefect demo --keep-ui" in outputs[0]
 
 
 @pytest.mark.ray

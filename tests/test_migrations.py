@@ -63,7 +63,8 @@ def test_load_refuses_gaps_duplicates_and_bad_names(tmp_path, files, message):
 
 def test_fresh_to_head(any_db, migrations):
     out = migrate(any_db, migrations)
-    assert out == {"from": 0, "to": 3, "applied": [1, 2, 3], "applied_elsewhere": [], "dry_run": False}
+    assert out == {"from": 0, "to": 3, "target": 3, "pending": ["0001_create_runs", "0002_add_score", "0003_create_tags"],
+                   "applied": [1, 2, 3], "applied_elsewhere": [], "dry_run": False}
     assert versions(any_db) == [1, 2, 3]
     assert {"runs", "tags", VERSION_TABLE} <= tables(any_db)
     rows = any_db.query(f"SELECT version, name, checksum FROM {VERSION_TABLE} ORDER BY version")

@@ -20,7 +20,9 @@ from helpers import wait_until
 from test_deployments import BIN, ROOT, finished_run, free_port, stop, wait_healthy
 from test_deployments import api as deployments_api
 
-from chia_prefect import SQLiteNode
+from prefect.blocks.core import Block
+
+from chia_prefect import ConfigurationError, SQLiteNode
 from chia_prefect.base import LOGO_BASE_URL, STATIC_DIR
 
 pytestmark = [pytest.mark.ui, pytest.mark.slow]
@@ -150,10 +152,12 @@ def test_create_a_sqlite_node_in_the_block_form_then_use_it(ui_server, page, tmp
     page.wait_for_url("**/blocks/block/*")
     saved = blocks_named(ui_server, RELATIVE_BLOCK)
     assert [doc["data"]["db_path"] for doc in saved] == ["data/app.db"], saved
-    with pytest.raises(RuntimeError) as refused:
-        in_python(ui_server, SQLiteNode.load, RELATIVE_BLOCK)
-    assert f"Unable to load '{RELATIVE_BLOCK}' of block type 'sqlite-node'" in str(refused.value)
-    assert "db_path 'data/app.db' is relative; give an absolute path" in str(refused.value.__cause__)
+    for load, ref in ((SQLiteNode.load, RELATIVE_BLOCK), (Block.load, f"sqlite-node/{RELATIVE_BLOCK}")):
+        with pytest.raises(ConfigurationError) as refused:
+            in_python(ui_server, load, ref)
+        assert f"The saved SQLite Node block '{RELATIVE_BLOCK}' is not valid" in str(refused.value)
+        assert "db_path 'data/app.db' is relative; give an absolute path" in str(refused.value)
+        assert "validate=False" not in str(refused.value)
 
     page.goto(f"{ui_server['url']}/blocks/catalog/sqlite-node/create")
     page.locator(".p-form .p-text-input input").first.fill(SQLITE_BLOCK)
@@ -283,7 +287,7 @@ with get_client(sync_client=True) as client:
 anchor = datetime.now(timezone.utc) + timedelta(seconds=20)
 deployment_id = flow.from_source(source=root, entrypoint="flows/migrate.py:migrate_database").deploy(
     name="scheduled-migrate", work_pool_name="ui-pool", build=False, push=False, print_next_steps=False,
-    parameters={"block": "sqlite-node/ui-scheduled", "migrations_dir": f"{root}/flows/demo_migrations"},
+    parameters={"block": "sqlite-node/ui-scheduled", "migrations_dir": f"{root}/chia_prefect/demo_migrations"},
     schedules=[IntervalSchedule(interval=timedelta(hours=1), anchor_date=anchor)],
 )
 print(deployment_id)
