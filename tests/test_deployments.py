@@ -4,6 +4,10 @@ worker, each deployment run, and the database checked afterwards."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import shutil
+import signal
 import os
 import socket
 import subprocess
@@ -113,27 +117,46 @@ def run_deployment(server, name: str, params: dict, worker_log) -> dict:
     return finished_run(server, {"flow_runs": {"id": {"any_": [run_id]}}}, worker_log, timeout=400)
 
 
-def test_deploy_and_run_every_deployment(server, tmp_path):
-    db_path = tmp_path / "ops" / "local.db"
-    prefect = str(BIN / "prefect")
-    cli(server, prefect, "work-pool", "create", "chia-local", "--type", "process")
-    cli(server, prefect, "block", "register", "-m", "chia_prefect")
-    cli(server, sys.executable, "blocks/save_examples.py", "--sqlite-path", str(db_path))
-    cli(server, prefect, "--no-prompt", "deploy", "--all")
+def readme_deploy_block() -> str:
+    section = (ROOT / "README.md").read_text().split("## Maintenance and deployments", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```bash\n(.*?)```", section, flags=re.DOTALL).group(1)
 
-    deployments = api(server, "/deployments/filter", {})
-    by_name = {d["name"]: d for d in deployments}
-    assert set(by_name) == {"nightly", "on-demand", "demo"}
-    assert by_name["nightly"]["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
 
-    worker_log = tmp_path / "worker.log"
-    with open(worker_log, "w") as log:
-        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "chia-local"], cwd=ROOT,
-                                  env=server["env"], stdout=log, stderr=subprocess.STDOUT)
+def test_readme_deployment_block_as_written_then_every_deployment(tmp_path):
+    """The README's shell block, run by bash from a copy of the project: a server and a worker
+    in the background, `prefect deploy --all --no-prompt`, a run watched to its end. Only the
+    port (4200, maybe taken here) and the virtualenv's path are substituted."""
+    work, home = tmp_path / "project", tmp_path / "home"
+    work.mkdir(), home.mkdir()
+    shutil.copy(ROOT / "prefect.yaml", work)
+    for folder in ("flows", "blocks", "chia_prefect"):
+        shutil.copytree(ROOT / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    block = readme_deploy_block()
+    assert "4200" in block and block.startswith("source .venv/bin/activate\n")
+    port = free_port()
+    script = block.replace("4200", str(port)).replace(
+        "source .venv/bin/activate", f"source {shlex.quote(str(Path(sys.prefix) / 'bin' / 'activate'))}", 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS", "VIRTUAL_ENV"))}
+    env.update(HOME=str(home), PREFECT_HOME=str(home / ".prefect"), PWD=str(work), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_WORKER_QUERY_SECONDS="1", PATH=os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
+                                                                       if ".venv" not in p))
+    shell = subprocess.Popen(["bash", "-e", "-c", script], cwd=work, env=env, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        run_deployment(server, "migrate-database/on-demand", {}, worker_log)
-        conn_rows = _sqlite(db_path, "SELECT version FROM chia_schema_versions ORDER BY version")
-        assert conn_rows == [(1,), (2,)]
+        out, _ = shell.communicate(timeout=600)
+        worker_log = work / "prefect-worker.log"
+        assert shell.returncode == 0, out[-4000:] + (worker_log.read_text()[-4000:] if worker_log.exists() else "")
+        assert "Flow run finished successfully in 'Completed'" in out, out[-4000:]
+        db_path = home / ".local" / "share" / "chia-prefect" / "local.db"
+        assert _sqlite(db_path, "SELECT version FROM chia_schema_versions ORDER BY version") == [(1,), (2,)]
+
+        server = {"url": f"http://127.0.0.1:{port}/api", "env": {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}}
+        deployments = api(server, "/deployments/filter", {})
+        by_name = {d["name"]: d for d in deployments}
+        assert set(by_name) == {"nightly", "on-demand", "demo"}
+        assert by_name["nightly"]["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+        assert by_name["on-demand"]["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(work)}}]
 
         demo_db = tmp_path / "demo.db"
         run_deployment(server, "atomic-transaction-demo/demo",
@@ -145,7 +168,12 @@ def test_deploy_and_run_every_deployment(server, tmp_path):
         assert len(backups) == 1
         assert _sqlite(backups[0], "SELECT COUNT(*) FROM chia_schema_versions") == [(2,)]
     finally:
-        stop(worker)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(shell.pid, sig)  # the server and worker the block left running
+            except ProcessLookupError:
+                break
+            time.sleep(5)
 
 
 def _sqlite(path: Path, sql: str) -> list[tuple]:
