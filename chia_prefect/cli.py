@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     mcp.add_argument("--time-limit-s", type=float, default=10.0, help="seconds per query (default 10)")
     mcp.add_argument("--allow-privileged-role", action="store_true",
                      help="DANGEROUS: serve a Postgres superuser or server file/program role anyway")
+    mcp.add_argument("--print-config", action="store_true",
+                     help="print the mcpServers entry for a desktop client (absolute command, "
+                          "PREFECT_API_URL) and exit")
 
     blocks = command("blocks", "register the node block types with Prefect, or list saved nodes",
                      "chia-prefect blocks register && chia-prefect blocks list")
@@ -353,7 +356,32 @@ def _blocks(args: argparse.Namespace) -> int:
 def _mcp(args: argparse.Namespace) -> int:
     from chia_prefect.query_tool import serve_block_stdio
 
+    if args.print_config:
+        import json
+        import shutil
+
+        block = _block(args.block)
+        command = shutil.which("chia-prefect") or os.path.join(os.path.dirname(sys.executable), "chia-prefect")
+        entry = {"command": os.path.abspath(command), "args": ["mcp", "--block", block, *argv_options(args)],
+                 "env": {"PREFECT_API_URL": _need_api("--print-config")}}
+        print(json.dumps({"mcpServers": {args.name or block.split("/")[-1]: entry}}, indent=2))
+        return 0
     return serve_block_stdio(args)
+
+
+def argv_options(args: argparse.Namespace) -> list[str]:
+    """The mcp options given that differ from their defaults, as command-line arguments."""
+    out: list[str] = []
+    defaults = {"row_limit": 100, "cell_char_limit": 4096, "total_char_limit": 32768, "time_limit_s": 10.0}
+    for key, default in defaults.items():
+        if getattr(args, key) != default:
+            out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    for flag in ("read_write", "allow_privileged_role"):
+        if getattr(args, flag):
+            out.append(f"--{flag.replace('_', '-')}")
+    if args.name:
+        out += ["--name", args.name]
+    return out
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
