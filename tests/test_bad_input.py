@@ -120,3 +120,23 @@ def test_network_filesystem_refused(tmp_path, monkeypatch):
     local = SQLiteNode(db_path=str(tmp_path / "local.db"))
     raw(local.init_schema)(local, "CREATE TABLE x (a)")  # ext4 is fine
     sqlite_module._filesystem_type.cache_clear()
+
+
+@pytest.mark.postgres
+def test_qmark_placeholders_on_postgres_are_refused_with_the_fix(postgres_db):
+    postgres_db.execute("CREATE TABLE IF NOT EXISTS qm (v TEXT)")
+    calls = [
+        lambda: postgres_db.execute("INSERT INTO qm (v) VALUES (?)", ("x",)),
+        lambda: postgres_db.executemany("INSERT INTO qm (v) VALUES (?)", [("x",), ("y",)]),
+        lambda: postgres_db.transaction([("INSERT INTO qm (v) VALUES (%s)", ("ok",)),
+                                         ("INSERT INTO qm (v) VALUES (?)", ("x",))]),
+        lambda: postgres_db.query("SELECT v FROM qm WHERE v = ?", ("x",)),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidOperationError, match=r"\? placeholders.*%s.*db\.render\(sql\)"):
+            call()
+    assert postgres_db.query_value("SELECT COUNT(*) FROM qm") == 0  # nothing ran
+    rendered = postgres_db.render("INSERT INTO qm (v) VALUES (?)")
+    assert postgres_db.execute(rendered, ("x",)).rowcount == 1
+    # A `?` that is not a placeholder (jsonb's key-exists operator beside %s) is left alone.
+    assert postgres_db.query_value("SELECT '{\"a\": 1}'::jsonb ? %s", ("a",)) is True
