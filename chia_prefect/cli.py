@@ -218,12 +218,14 @@ def _demo(args: argparse.Namespace) -> int:
     _positive(args.entries, "--entries"), _positive(args.iterations, "--iterations")
     _positive(args.benchmarks, "--benchmarks")
     block = _block(args.block) if args.block else None
+    from contextlib import nullcontext
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from chia_prefect.local import shared_prefect_api
 
-    server = _start_ui_server() if args.keep_ui and not os.environ.get("PREFECT_API_URL") else None
-    if server is not None:
-        os.environ["PREFECT_API_URL"] = server["api"]
-    with shared_prefect_api():
+    server = _start_ui_server() if args.keep_ui and not PREFECT_API_URL.value() else None
+    with temporary_settings({PREFECT_API_URL: server["api"]}) if server else nullcontext(), shared_prefect_api():
         _quiet(args.debug)
         summary = atomic_demo.with_options(task_runner=_runner(args.debug))(
             block, args.entries, args.iterations, args.benchmarks, args.db_path)
@@ -231,7 +233,7 @@ def _demo(args: argparse.Namespace) -> int:
     if server is not None:
         print(f"\nThe Prefect UI stays up at {server['ui']} with this demo's runs "
               f"(server pid {server['pid']}, log {server['log']}); stop it with `kill {server['pid']}`.")
-    elif not os.environ.get("PREFECT_API_URL"):
+    elif not PREFECT_API_URL.value():
         print("\nThe runs' 'View at' links pointed at a temporary Prefect server, now stopped; "
               "`chia-prefect demo --keep-ui` leaves one with its UI running.")
     return 0

@@ -193,3 +193,23 @@ def test_subclass_saves_and_loads_as_itself(sqlite_path):
 
     AlignmentDBNode(db_path=sqlite_path).save("align-sub", overwrite=True)
     assert type(Block.load("alignmentdbnode/align-sub")) is AlignmentDBNode
+
+
+def test_a_saved_block_that_fails_validation_names_itself_and_the_fix(tmp_path):
+    from prefect.blocks.core import Block
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import BlockDocumentUpdate
+
+    from chia_prefect import ConfigurationError
+
+    SQLiteNode(db_path=str(tmp_path / "ok.db")).save("gone-wrong", overwrite=True)
+    with get_client(sync_client=True) as client:  # as the UI's form saves it: unchecked
+        document = client.read_block_document_by_name("gone-wrong", "sqlite-node")
+        client.update_block_document(document.id, BlockDocumentUpdate(data={**document.data, "db_path": "data/app.db"}))
+    for load, ref in ((Block.load, "sqlite-node/gone-wrong"), (SQLiteNode.load, "gone-wrong")):
+        with pytest.raises(ConfigurationError) as refused:
+            load(ref)
+        text = str(refused.value)
+        assert "The saved SQLite Node block 'gone-wrong' is not valid" in text
+        assert "db_path 'data/app.db' is relative" in text and "Fix it in the Prefect UI" in text
+        assert "validate=False" not in text

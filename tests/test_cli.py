@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from chia_prefect import PostgresNode, SQLiteNode
 
@@ -111,6 +113,12 @@ def test_plan_migrate_maintain_on_a_saved_node(saved, tmp_path):
     for noise in ("ERROR", "Traceback", "Failed", "Connecting to an existing Ray instance at local",
                   "Token authentication", "RAY_DEDUP_LOGS"):
         assert noise not in out + err, (noise, err[-3000:])
+    # Nothing Failed in the UI either (the first migration's version probe used to be a
+    # failing task run): every task run of the run and its subflow completed.
+    runs = re.findall(r"/runs/flow-run/([0-9a-f-]{36})", err)
+    assert len(runs) == 2, err
+    states = wait_until(lambda: _task_states(runs), timeout=30)
+    assert states and set(states) == {"COMPLETED"}, states
 
     code, out, err, _ = run("migrate", "--block", "cli-app", "--dir", str(MIGRATIONS), "--dry-run")
     assert code == 0 and "current version 3, target 3: nothing to apply." in out, err
@@ -122,6 +130,20 @@ def test_plan_migrate_maintain_on_a_saved_node(saved, tmp_path):
 
 
 @pytest.mark.slow
+def _task_states(flow_run_ids: list[str]) -> list[str] | None:
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in flow_run_ids])))
+    states = [r.state.type.value for r in runs if r.state is not None]
+    # Workers report their task runs as events: wait until all (≥ 8 here) are final.
+    final = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+    return states if len(states) >= 8 and set(states) <= final else None
+
+
 def test_a_failing_migration_prints_one_error(saved, tmp_path):
     folder = tmp_path / "typo"
     folder.mkdir()

@@ -61,3 +61,34 @@ def test_demo_flow_on_postgres_block(ray_cluster, postgres_db):
     assert (summary["transactions"], summary["iterations"], summary["benchmark_rows"]) == (4, 4, 40)
     assert [r["iteration"] for r in summary["latest"]] == [1, 1]
     assert "engine: postgres" in format_summary(summary)
+
+
+@pytest.mark.slow
+def test_demo_keep_ui_leaves_a_server_with_the_runs(tmp_path):
+    import json
+    import signal
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "chia-prefect"), "demo", "--keep-ui", "--db-path", str(tmp_path / "demo.db"),
+         "--entries", "1", "--iterations", "2", "--benchmarks", "5"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+    )
+    match = re.search(r"The Prefect UI stays up at (http://127\.0\.0\.1:\d+) .*\(server pid (\d+)", run.stdout)
+    assert run.returncode == 0 and match, run.stdout[-3000:] + run.stderr[-3000:]
+    url, pid = match.group(1), int(match.group(2))
+    try:
+        with urllib.request.urlopen(url, timeout=10) as page:  # the UI itself
+            assert page.status == 200 and "<html" in page.read().decode().lower()
+        body = json.dumps({"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}).encode()
+        request = urllib.request.Request(f"{url}/api/flow_runs/filter", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            runs = json.loads(response.read())
+        assert len(runs) == 2, runs  # the demo's flow run and its migration subflow
+        # The "View at" links the demo printed point at this server.
+        assert f"View at {url}/runs/flow-run/" in run.stderr
+    finally:
+        os.kill(pid, signal.SIGTERM)

@@ -189,7 +189,7 @@ def soak_runs(stock, names: list[str]) -> tuple[float, int]:
 @pytest.mark.slow
 def test_readme_migration_example_twenty_times(tmp_path):
     for i in range(20):
-        db = SQLiteNode(db_path=str(tmp_path / f"app{i}.db"))  # as the README: no `with`
+        db = SQLiteNode(db_path=str(tmp_path / f"app{i}.db"))  # no `with` and no close(), as a user may write it
         migrations = load_migrations(MIGRATIONS)
         outcome = migrate(db, migrations)
         assert outcome["to"] == 3, outcome

@@ -1,0 +1,31 @@
+"""`pip install .` builds a clean wheel: no setuptools warnings, the data files inside."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_wheel_builds_without_warnings_and_ships_its_data(tmp_path):
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(tmp_path), str(ROOT)],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    ours = [line for line in (build.stdout + build.stderr).splitlines()
+            if "warning" in line.lower() and "is ignored: it is neither a file nor a directory" not in line]
+    assert ours == [], ours  # (the other kind is this machine's pip index configuration)
+    [wheel] = tmp_path.glob("chia_prefect-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for expected in ("chia_prefect/demo_migrations/0001_iterations.sql", "chia_prefect/static/sqlite-node.png",
+                     "chia_prefect/py.typed"):
+        assert expected in names
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata
+    assert "chia-prefect = chia_prefect.cli:main" in zipfile.ZipFile(wheel).read(
+        next(n for n in names if n.endswith("entry_points.txt"))).decode()
