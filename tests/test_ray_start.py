@@ -90,6 +90,10 @@ def ray_start_cluster(tmp_path_factory, prefect_api):
         yield {"gcs": f"{ip}:{gcs_port}", "client": f"ray://{ip}:{client_port}", "token": token,
                "env": env, "base": base}
     finally:
+        keep = os.environ.get("CHIA_KEEP_RAY_LOGS")
+        if keep:
+            shutil.copytree(base / "ray-head", keep, dirs_exist_ok=True, ignore_dangling_symlinks=True,
+                            ignore=shutil.ignore_patterns("sockets", "*.sock"))
         stop_by_pid(str(base))
         assert not pids_under(str(base)), "ray start processes outlived the test"
         shutil.rmtree(base, ignore_errors=True)
@@ -159,12 +163,20 @@ def test_driver_without_the_token_fails_fast_naming_the_fix(ray_start_cluster, t
     assert "RAY_AUTH_TOKEN" in result["message"]
     assert result["s"] < 10, result["s"]  # Ray alone: 20 s of warnings (GCS) or 30 s then "timed out" (client)
     assert "InvalidAuthToken" not in result["stderr"]
+    print(f"{address} without the token -> {result['error']}: {result['message']} ({result['s']:.1f} s)")
 
 
 @pytest.mark.parametrize("kind", ["gcs", "client"])
 def test_members_pin_and_group_land_on_the_intended_node(ray_start_cluster, tmp_path, kind):
     result = drive(ray_start_cluster, ray_start_cluster[kind], tmp_path / "app.db", with_token=True)
-    assert "ok" in result, (result.get("message"), result["stderr"][-5000:])
+    if kind == "client" and result.get("error") == "ConnectionAbortedError":
+        # Seen once in a full suite run on 2 busy cores: the Ray Client server's per-client
+        # process failed its own ray.init ("Initialization failure from server"). Not
+        # reproduced alone or under two CPU hogs; a user would connect again, so does this.
+        print(f"ray:// connection aborted once, connecting again: {result.get('message', '')[-2000:]}")
+        result = drive(ray_start_cluster, ray_start_cluster[kind], tmp_path / "app2.db", with_token=True)
+    if "ok" not in result:
+        pytest.fail(f"{result.get('error')}: {result.get('message')}\n--- driver stderr:\n{result['stderr'][-6000:]}")
     out = result["ok"]
     second = out["second"]
     assert out["nodes"] == 2
