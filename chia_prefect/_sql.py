@@ -88,27 +88,56 @@ def statement_heads(sql: str) -> list[str]:
     return heads
 
 
-_TRIGGER = re.compile(r"\s*CREATE\s+(TEMP\s+|TEMPORARY\s+)?TRIGGER\b", re.IGNORECASE)
-_BODY_END = re.compile(r"\bEND\s*$", re.IGNORECASE)
+def split_sqlite_script(script: str) -> list[str]:
+    """Split a SQLite script where SQLite itself would: a statement ends at the first `;`
+    after which `sqlite3.complete_statement` calls it complete. That is SQLite's own
+    tokenizer, so a trigger body (`BEGIN ... CASE ... END; ... END;`), strings and comments
+    holding `;` or keywords stay whole."""
+    import sqlite3
 
-
-def split_statements(script: str) -> list[str]:
-    """Split a script at top-level `;`, keeping a trigger's `BEGIN ... END` body whole."""
     statements: list[str] = []
-    start = i = 0
-    while i < len(script):
-        skipped = _skip_quoted(script, i)
-        if skipped != i:
-            i = skipped
-            continue
-        if script[i] == ";":
-            text = _strip_comments(script[start:i])
-            if not (_TRIGGER.match(text) and not _BODY_END.search(text)):
-                statements.append(text)
-                start = i + 1
-        i += 1
-    statements.append(script[start:])
+    pending = ""
+    pieces = script.split(";")
+    for piece in pieces[:-1]:
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            statements.append(pending[:-1])
+            pending = ""
+    statements.append(pending + pieces[-1])
     return [s.strip() for s in statements if _strip_comments(s).strip()]
+
+
+def split_postgres_script(script: str) -> list[str]:
+    """Split a PostgreSQL script with the server's own parser (libpg_query, via pglast):
+    dollar-quoted bodies, `BEGIN ATOMIC ... END` functions and procedures stay whole. A
+    script the parser rejects comes back whole, so the server reports the syntax error."""
+    from pglast import split
+    from pglast.parser import ParseError
+
+    try:
+        return [s.strip() for s in split(script, with_parser=True) if s.strip()]
+    except ParseError:
+        return [script.strip()] if _strip_comments(script).strip() else []
+
+
+def postgres_transaction_control(sql: str) -> str | None:
+    """The first statement of `sql` that begins or ends a transaction (`COMMIT`, `BEGIN`,
+    `SAVEPOINT` ...), as written, by the server's own parser; None if there is none or
+    the parser rejects `sql` (the server then parses it whole and runs nothing)."""
+    from pglast import ast, parse_sql
+    from pglast.parser import ParseError
+
+    try:
+        statements = parse_sql(sql)
+    except ParseError:
+        return None
+    for raw in statements:
+        if isinstance(raw.stmt, ast.TransactionStmt):
+            # stmt_location counts bytes of the UTF-8 text.
+            at = sql.encode()[raw.stmt_location or 0:].decode(errors="ignore")
+            words = _WORD.findall(_strip_comments(at))
+            return words[0].upper() if words else "BEGIN"
+    return None
 
 
 def _strip_comments(sql: str) -> str:
@@ -128,19 +157,23 @@ def _strip_comments(sql: str) -> str:
 def refuse_transaction_control(sql: str, *, all_statements: bool, where: str) -> None:
     """Raise if `sql` would begin or end a transaction the member owns.
 
-    SQLite's driver runs one statement per call, so only the first head matters there
-    (a trigger body's `BEGIN ... END` is not a statement head). psycopg runs several.
+    SQLite's driver runs one statement per call, so only its first keyword matters there.
+    psycopg sends several statements at once (`all_statements`): PostgreSQL's own parser
+    finds a transaction-control statement among them, wherever it is.
     """
     if not isinstance(sql, str):
         raise InvalidOperationError(f"{where}: SQL must be a str, got {type(sql).__name__}")
-    heads = statement_heads(sql)
-    for head in heads if all_statements else heads[:1]:
-        if head in _TRANSACTION_CONTROL:
-            raise TransactionControlError(
-                f"{where}: {head} is not allowed here; the member runs the statement in a "
-                "transaction of its own. Pass several statements to transaction([...]) "
-                "to make them atomic."
-            )
+    if all_statements:
+        head = postgres_transaction_control(sql)
+    else:
+        heads = statement_heads(sql)
+        head = heads[0] if heads and heads[0] in _TRANSACTION_CONTROL else None
+    if head is not None:
+        raise TransactionControlError(
+            f"{where}: {head} is not allowed here; the member runs the statement in a "
+            "transaction of its own. Pass several statements to transaction([...]) "
+            "to make them atomic."
+        )
 
 
 def render_qmark(sql: str, paramstyle: str) -> str:

@@ -121,6 +121,10 @@ class DatabaseNode(Block, ABC):
         For domain members of a subclass. Reads pass `read_only=True` to get the guard.
         """
 
+    def split_script(self, script: str) -> list[str]:
+        """The statements of `script`, split as this engine's own parser splits them."""
+        raise NotImplementedError
+
     def render(self, sql: str) -> str:
         """`sql` written with `?` placeholders, rendered for this node's `paramstyle`.
 

@@ -31,7 +31,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from chia_prefect._sql import split_statements
 from chia_prefect.base import DatabaseNode
 from chia_prefect.errors import (
     ChecksumMismatchError,
@@ -204,7 +203,7 @@ def _apply(node: DatabaseNode, migration: Migration) -> bool:
         node.execute(sql, rows[0])
         return True
     lock = _lock_ops(node)
-    ops = [*lock, (sql, rows[0]), *((stmt, None) for stmt in split_statements(migration.sql))]
+    ops = [*lock, (sql, rows[0]), *((stmt, None) for stmt in node.split_script(migration.sql))]
     try:
         node.transaction(ops)
     except Exception as exc:
@@ -223,7 +222,7 @@ def _apply(node: DatabaseNode, migration: Migration) -> bool:
 
 def _baseline(node: DatabaseNode, migrations: list[Migration], schema_sql: str) -> None:
     sql, rows = _record(node, migrations)
-    statements = [(stmt, None) for stmt in split_statements(schema_sql)]
+    statements = [(stmt, None) for stmt in node.split_script(schema_sql)]
     node.transaction([*_lock_ops(node), (sql, rows), *statements])
 
 

@@ -35,6 +35,7 @@ from chia_prefect._sql import (
     refuse_transaction_control,
     run_many,
     run_ops,
+    split_postgres_script,
     validate_identifier,
     validate_type_decl,
 )
@@ -215,6 +216,10 @@ class PostgresNode(DatabaseNode):
         if opts.application_name:
             params["application_name"] = opts.application_name
         return params
+
+    def split_script(self, script: str) -> list[str]:
+        """The statements of `script`, split by PostgreSQL's own parser (pglast)."""
+        return split_postgres_script(script)
 
     def _limit_identity(self) -> str:
         params = self._conninfo(False, self.connect_opts)

@@ -35,6 +35,7 @@ from chia_prefect._sql import (
     refuse_transaction_control,
     run_many,
     run_ops,
+    split_sqlite_script,
     validate_identifier,
     validate_type_decl,
 )
@@ -167,6 +168,10 @@ class SQLiteNode(DatabaseNode):
                 "resolve against the working directory of whichever Ray worker runs the member."
             )
         return os.path.normpath(text)
+
+    def split_script(self, script: str) -> list[str]:
+        """The statements of `script`, split where SQLite's own tokenizer ends them (`sqlite3.complete_statement`)."""
+        return split_sqlite_script(script)
 
     @property
     def label(self) -> str:

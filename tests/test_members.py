@@ -132,6 +132,19 @@ def test_postgres_commit_smuggled_after_semicolon_refused(postgres_db):
     assert rows(postgres_db) == []
 
 
+def test_postgres_bodies_holding_begin_and_commit_are_not_transaction_control(postgres_db):
+    """PostgreSQL's own parser decides: a `BEGIN ATOMIC` body, dollar quotes and literals
+    holding COMMIT are one statement each, and run."""
+    postgres_db.execute("CREATE FUNCTION tripled(x integer) RETURNS integer LANGUAGE sql "
+                        "BEGIN ATOMIC SELECT x * 3; END")
+    postgres_db.transaction([
+        ("CREATE FUNCTION note() RETURNS text LANGUAGE plpgsql AS $$ BEGIN RETURN 'COMMIT;'; END $$", None),
+        ("COMMENT ON FUNCTION note() IS 'BEGIN; END;'", None)])
+    assert postgres_db.query_value("SELECT tripled(2) || note()") == "6COMMIT;"
+    with pytest.raises(TransactionControlError, match="START is not allowed"):
+        postgres_db.execute("/* BEGIN; */ SELECT 1; -- x\n start transaction")
+
+
 @pytest.mark.parametrize(
     "ops, message",
     [

@@ -168,3 +168,49 @@ def test_plan_and_outcome_are_artifacts(sqlite_db, migrations):
     assert "0001_create_runs" not in found["migration-plan"]  # names and versions are columns
     assert "| 1 | create_runs | yes |" in found["migration-plan"]
     assert "version **0** → **3**" in found["migration-outcome"]
+
+
+# Bodies whose `;`, `END;` and `COMMIT` are not statement ends: each engine's own parser
+# splits the migration (SQLite's tokenizer, PostgreSQL's via pglast), not a lexer of ours.
+TRICKY = {
+    "sqlite": """
+CREATE TABLE scores (id INTEGER PRIMARY KEY, v INTEGER, band TEXT DEFAULT 'none; END; COMMIT');
+-- a comment; with END; and COMMIT;
+CREATE TRIGGER band_it AFTER INSERT ON scores BEGIN
+  UPDATE scores SET band = CASE WHEN NEW.v >= 10 THEN 'high;' ELSE 'low' END WHERE id = NEW.id;
+  UPDATE scores SET v = CASE NEW.v WHEN -1 THEN 0 ELSE NEW.v END WHERE id = NEW.id;
+END;
+/* block comment; BEGIN; */ INSERT INTO scores (v) VALUES (12);
+INSERT INTO scores (v) VALUES (-1)
+""",
+    "postgres": """
+CREATE TABLE scores (id SERIAL PRIMARY KEY, v INTEGER, band TEXT DEFAULT 'none; END; COMMIT');
+-- a comment; with END; and COMMIT;
+CREATE FUNCTION band_of(v integer) RETURNS text LANGUAGE plpgsql AS $body$
+BEGIN
+  RETURN CASE WHEN v >= 10 THEN 'high;' ELSE 'low' END;  -- COMMIT; in a comment
+END;
+$body$;
+CREATE FUNCTION band_it() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  NEW.band := band_of(NEW.v);
+  NEW.v := CASE NEW.v WHEN -1 THEN 0 ELSE NEW.v END;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER band_it BEFORE INSERT ON scores FOR EACH ROW EXECUTE FUNCTION band_it();
+CREATE FUNCTION doubled(x integer) RETURNS integer LANGUAGE sql BEGIN ATOMIC SELECT x * 2; END;
+/* block comment; BEGIN; */ INSERT INTO scores (v) VALUES (12);
+INSERT INTO scores (v) VALUES (-1)
+""",
+}
+
+
+def test_triggers_case_dollar_quotes_and_literals_migrate(any_db, tmp_path):
+    (tmp_path / "0001_scores.sql").write_text(TRICKY[any_db.engine])
+    migrations = load_migrations(tmp_path)
+    assert len(any_db.split_script(migrations[0].sql)) == (7 if any_db.engine == "postgres" else 4)
+    assert migrate(any_db, migrations)["applied"] == [1]
+    assert [(r["v"], r["band"]) for r in any_db.query("SELECT v, band FROM scores ORDER BY id")] == [
+        (12, "high;"), (0, "low")]
+    if any_db.engine == "postgres":
+        assert any_db.query_value("SELECT doubled(21)") == 42

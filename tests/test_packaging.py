@@ -29,3 +29,16 @@ def test_wheel_builds_without_warnings_and_ships_its_data(tmp_path):
     assert "License-Expression: Apache-2.0" in metadata
     assert "chia-prefect = chia_prefect.cli:main" in zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith("entry_points.txt"))).decode()
+
+
+def test_every_public_error_is_exported_from_the_package():
+    import inspect
+
+    import chia_prefect
+    from chia_prefect import errors
+
+    defined = {name for name, value in vars(errors).items()
+               if inspect.isclass(value) and issubclass(value, Exception) and value.__module__ == errors.__name__}
+    assert len(defined) >= 19
+    assert defined <= set(chia_prefect.__all__)
+    assert all(getattr(chia_prefect, name) is getattr(errors, name) for name in defined)
