@@ -1,9 +1,14 @@
 # Two commands for a fresh machine with Python 3.10+:  make demo   and   make test
 # Each creates the virtualenv it needs in .venv (override with VENV=...).
+# PREFECT=3.8 or PREFECT=3.9 picks that Prefect release line, in its own .venv-prefect-3.X;
+# without it pip takes the newest Prefect the package allows.
 
 PYTHON ?= python3
-VENV ?= .venv
+PREFECT ?=
+VENV ?= .venv$(if $(PREFECT),-prefect-$(PREFECT))
 PY := $(VENV)/bin/python
+PIP_INSTALL ?= $(PY) -m pip install --quiet
+PREFECT_REQ := $(if $(PREFECT),"prefect==$(PREFECT).*")
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: demo test bench install clean
@@ -13,11 +18,11 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 $(VENV)/.installed-demo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PIP_INSTALL) -e . $(PREFECT_REQ)
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-demo
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PIP_INSTALL) -e ".[test]" $(PREFECT_REQ)
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,4 +38,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) .demo-data .pytest_cache
+	rm -rf $(VENV) .venv-prefect-3.* .demo-data .pytest_cache

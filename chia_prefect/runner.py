@@ -20,7 +20,8 @@ With no `PREFECT_API_URL` the driver runs a temporary Prefect server; workers on
 host are handed its URL instead of starting one each. Task runs, states, logs and results
 go through Prefect's own task engine as with the stock runner. If a Prefect internal this
 relies on is missing (a Prefect outside the tested range), it logs a warning once and
-submits through the stock path. Tested with prefect 3.8.x and prefect-ray 0.6.x.
+submits through the stock path. Tested with prefect 3.8.x and 3.9.x (`TESTED_PREFECT`) and
+prefect-ray 0.6.x; on each, tests/test_runner.py asserts that the fast path is the one taken.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ from prefect_ray.context import RemoteOptionsContext
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 
 logger = get_logger("chia_prefect.runner")
+
+# The Prefect release lines CI runs the whole suite on (pyproject.toml allows these).
+TESTED_PREFECT: tuple[str, ...] = ("3.8", "3.9")
 
 # Everything the fast path touches beyond prefect-ray's public runner. Checked once per
 # process; a missing one sends every submit down the stock path.
@@ -106,8 +110,8 @@ def fast_path_available() -> bool:
                 if missing:
                     logger.warning(
                         "FastRayTaskRunner: this Prefect lacks %s; submitting through the stock "
-                        "RayTaskRunner path (slower, equally correct). Tested with prefect 3.8.x.",
-                        ", ".join(missing),
+                        "RayTaskRunner path (slower, equally correct). Tested with prefect %s.",
+                        ", ".join(missing), " and ".join(f"{line}.x" for line in TESTED_PREFECT),
                     )
                 _fast_path_ok = not missing
     return _fast_path_ok

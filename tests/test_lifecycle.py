@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers import wait_until
+from helpers import soak_count, wait_until
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -30,6 +30,10 @@ from chia_prefect.migrations import load_migrations, migrate
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations_demo"
+# Trial counts of the soaks (CHIA_SOAK_SCALE lowers them; see helpers.soak_count).
+SOAK_RUNS = soak_count(200, minimum=40)
+README_RUNS = soak_count(20, minimum=5)
+SERVED_RUNS = soak_count(30, minimum=15)
 
 
 def live_groups() -> list[dict]:
@@ -170,15 +174,16 @@ def test_soak_200_flow_runs_three_nodes_each_leave_nothing(tmp_path):
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         start_rss, start_fds = soak_runs(stock, names)
     rss, fds = _rss_mb(os.getpid()), len(os.listdir("/proc/self/fd"))
-    print(f"200 runs x 3 nodes in {time.monotonic() - started:.1f} s; driver RSS {start_rss:.0f} -> {rss:.0f} MB "
-          f"({(rss - start_rss) / 180:.3f} MB/run over runs 20-200), fds {start_fds} -> {fds}")
+    print(f"{SOAK_RUNS} runs x 3 nodes in {time.monotonic() - started:.1f} s; driver RSS {start_rss:.0f} -> "
+          f"{rss:.0f} MB ({(rss - start_rss) / (SOAK_RUNS - 20):.3f} MB/run over runs 20-{SOAK_RUNS}), "
+          f"fds {start_fds} -> {fds}")
     assert_nothing_reserved()
     assert fds <= start_fds + 10
 
 
 def soak_runs(stock, names: list[str]) -> tuple[float, int]:
-    """200 runs; the driver's RSS and open descriptors after the first 20 (warm-up)."""
-    for run in range(200):
+    """SOAK_RUNS runs (200); the driver's RSS and open descriptors after the first 20 (warm-up)."""
+    for run in range(SOAK_RUNS):
         # Every tenth run on the stock runner (its groups go by the reaper), the rest on ours.
         assert (stock if run % 10 == 0 else visit_three)(names) == 3 * (run + 1)
         if run == 19:
@@ -188,7 +193,7 @@ def soak_runs(stock, names: list[str]) -> tuple[float, int]:
 
 @pytest.mark.slow
 def test_readme_migration_example_twenty_times(tmp_path):
-    for i in range(20):
+    for i in range(README_RUNS):
         db = SQLiteNode(db_path=str(tmp_path / f"app{i}.db"))  # no `with` and no close(), as a user may write it
         migrations = load_migrations(MIGRATIONS)
         outcome = migrate(db, migrations)
@@ -281,7 +286,7 @@ def test_served_deployment_thirty_runs_no_growth(ray_cluster, tmp_path):
 
         wait_until(deployed, timeout=120, what="the served deployment")
         samples = []
-        for run in range(30):
+        for run in range(SERVED_RUNS):
             flow_run = run_deployment(f"soak-visit/{deployment}", parameters={"names": names},
                                       timeout=180, poll_interval=0.5)
             assert flow_run.state.is_completed(), (flow_run.state, (tmp_path / "serve.log").read_text()[-3000:])
@@ -295,7 +300,7 @@ def test_served_deployment_thirty_runs_no_growth(ray_cluster, tmp_path):
     rss = [s["rss"] for s in samples[5:]]
     fds = [s["fds"] for s in samples[5:]]
     actors = [s["actors"] for s in samples[5:]]
-    print(f"served 30 runs: groups {[s['groups'] for s in samples]}, actors {actors[0]}->{actors[-1]}, "
+    print(f"served {SERVED_RUNS} runs: groups {[s['groups'] for s in samples]}, actors {actors[0]}->{actors[-1]}, "
           f"worker fds {fds[0]}->{fds[-1]} (slope {_slope(fds):.2f}/run), "
           f"serve RSS {rss[0]:.1f}->{rss[-1]:.1f} MB (slope {_slope(rss):.3f} MB/run)")
     assert all(s["groups"] == 0 for s in samples)

@@ -103,6 +103,21 @@ def test_takes_the_fast_path_and_honours_settings_changed_between_flow_runs():
     assert stock[0]["stock_path"] and not stock[0]["fast_path"]
 
 
+def test_the_fast_path_is_taken_on_this_prefect():
+    """On every Prefect line CI runs (3.8.x and 3.9.x, one job each), the fast path is available
+    and taken: a Prefect that moved an internal would otherwise fall back to the stock path and
+    every other test here would pass on the slow path unnoticed."""
+    import prefect
+
+    line = ".".join(prefect.__version__.split(".")[:2])
+    assert line in runner.TESTED_PREFECT, f"prefect {prefect.__version__} is not a tested line {runner.TESTED_PREFECT}"
+    runner._reset_fast_path_check()
+    assert runner._missing_internals() == []
+    assert runner.fast_path_available()
+    views = runner_flows.fast_views(2)
+    assert all(view["fast_path"] and not view["stock_path"] for view in views), views
+
+
 def test_a_second_api_gets_its_own_client(tmp_path):
     """Flow runs against two Prefect servers: each worker talks to the one its flow used."""
     from prefect.server.api.server import SubprocessASGIServer
