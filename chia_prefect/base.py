@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from prefect.blocks.core import Block
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, SecretStr, ValidationError
 
 from chia_prefect import reservations
 from chia_prefect._sql import ExecResult, render_qmark
@@ -44,6 +44,9 @@ class DatabaseNode(Block, ABC):
     paramstyle: ClassVar[str] = ""
     # Postgres runs several statements per call; SQLite's driver refuses them.
     multi_statement: ClassVar[bool] = False
+    # Which of spawn_query_tool's engine options (dsn, schemas, allow_privileged_role)
+    # this engine's tool takes.
+    query_tool_options: ClassVar[frozenset[str]] = frozenset()
 
     # Each engine declares these fields after its own, so the UI form opens with what
     # locates the database and leaves Ray placement and connection tuning below it.
@@ -141,20 +144,36 @@ class DatabaseNode(Block, ABC):
         cell_char_limit: int = 4096,
         total_char_limit: int = 32768,
         time_limit_s: float = 10.0,
-        **engine_options: Any,
+        dsn: str | SecretStr | None = None,
+        schemas: tuple[str, ...] | None = None,
+        allow_privileged_role: bool = False,
     ) -> Any:
         """Serve `query(sql)` and `schema()` (and `execute(sql)` if `read_write`) over MCP.
 
         Returns a `QueryTool` with the server's `url` and the bearer `token` every request
         must carry (`tool.headers`); on Ray the server is an actor placed like the members,
         else a thread on loopback. `close()` stops it, and so does the end of the flow run
-        that spawned it. `engine_options` go to the engine's session (Postgres: `dsn=` for a
-        SELECT-only role, `schemas=`, `allow_privileged_role=`).
+        that spawned it. One signature for every engine; the last three options are the
+        ones an engine may not take (`query_tool_options` lists them; Postgres takes all:
+        `dsn=` for a SELECT-only role, `schemas=`, `allow_privileged_role=`), and giving
+        one to an engine that does not raises `ConfigurationError` before anything starts.
         """
         from chia_prefect.query_tool import Caps, spawn
 
+        given = {key: value for key, value in (("dsn", dsn), ("schemas", schemas),
+                                               ("allow_privileged_role", allow_privileged_role))
+                 if value is not None and value is not False}
+        refused = [key for key in given if key not in self.query_tool_options]
+        if refused:
+            takes = ", ".join(f"{key}=" for key in sorted(self.query_tool_options))
+            raise ConfigurationError(
+                f"spawn_query_tool on {self.label}: {', '.join(f'{key}=' for key in refused)} is not an "
+                f"option of a {type(self).__name__}'s tool ("
+                + (f"it takes {takes}" if takes else "dsn=, schemas= and allow_privileged_role= are PostgresNode's")
+                + "). Leave it out; nothing was started."
+            )
         caps = Caps(row_limit, cell_char_limit, total_char_limit, time_limit_s)
-        tool = spawn(self, self._query_tool_session(caps, **engine_options), name, read_write)
+        tool = spawn(self, self._query_tool_session(caps, **given), name, read_write)
         self._tools.append(tool)
         # Inside a flow run the tool is stopped when the run ends, close() or not.
         reservations.on_run_end(tool.stop)

@@ -134,6 +134,7 @@ class PostgresNode(DatabaseNode):
     engine: ClassVar[str] = "postgres"
     paramstyle: ClassVar[str] = "format"
     multi_statement: ClassVar[bool] = True
+    query_tool_options: ClassVar[frozenset[str]] = frozenset({"dsn", "schemas", "allow_privileged_role"})
 
     dsn: SecretStr | None = optional_field(
         title="DSN",
@@ -326,7 +327,7 @@ class PostgresNode(DatabaseNode):
             conn.execute(script)
 
     def _query_tool_session(
-        self, caps: Any, dsn: str | None = None, schemas: tuple[str, ...] = ("public",),
+        self, caps: Any, dsn: str | SecretStr | None = None, schemas: tuple[str, ...] = ("public",),
         allow_privileged_role: bool = False,
     ) -> Any:
         """Read-only sessions under a statement guard. `dsn=` gives the tool other

@@ -128,12 +128,20 @@ def postgres_db(postgres_dsn):
         yield node
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def any_db(request):
     """The same test on both engines."""
     if request.param == "sqlite":
         return request.getfixturevalue("sqlite_db")
     return request.getfixturevalue("postgres_db")
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the PostgreSQL server, through any fixture, is marked `postgres`,
+    so `-m "not postgres"` runs every SQLite case and nothing that needs the server."""
+    for item in items:
+        if "postgres_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -24,7 +24,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from chia_prefect import ConnectionLostError, FastRayTaskRunner, Placement, PostgresNode, SQLiteNode
 
-pytestmark = [pytest.mark.postgres, pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
 BURST = 60
 WRITE = "INSERT INTO t (x) SELECT %s FROM pg_sleep(0.1)"  # holds its connection 0.1 s

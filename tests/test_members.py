@@ -17,7 +17,6 @@ from chia_prefect import (
     TransactionControlError,
 )
 
-pytestmark = pytest.mark.postgres
 
 
 def make_table(db) -> None:

@@ -19,7 +19,7 @@ from chia_prefect.migrations import (
     plan,
 )
 
-pytestmark = [pytest.mark.postgres, pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 
 DEMO = Path(__file__).resolve().parent / "migrations_demo"
 

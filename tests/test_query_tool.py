@@ -185,6 +185,21 @@ def test_time_cap_stops_runaway_query(request, engine):
     assert call(tool, "query", sql="SELECT 1 AS one") == "one\n1"  # the server lives on
 
 
+def test_one_signature_and_a_clear_refusal_of_an_option_the_engine_lacks(tmp_path):
+    import inspect
+
+    from chia_prefect import ConfigurationError, PostgresNode, SQLiteNode
+
+    assert inspect.signature(SQLiteNode.spawn_query_tool) == inspect.signature(PostgresNode.spawn_query_tool)
+    db = SQLiteNode(db_path=str(tmp_path / "app.db"))
+    for option in ({"dsn": "postgresql://agent:hunter2@db/app"}, {"schemas": ("public",)},
+                   {"allow_privileged_role": True}):
+        with pytest.raises(ConfigurationError, match=f"{next(iter(option))}= is not an option of a SQLiteNode") as info:
+            db.spawn_query_tool("app_db", **option)
+        assert "PostgresNode" in str(info.value) and "hunter2" not in str(info.value)
+    assert db._tools == []  # nothing was started
+
+
 def test_close_stops_the_server(seeded_sqlite):
     tool = seeded_sqlite.spawn_query_tool("closing")
     address = urlparse(tool.url)

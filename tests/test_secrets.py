@@ -28,7 +28,6 @@ from chia_prefect.migrations import Migration, migrate
 
 PASSWORD = "Zs3cr3t-Pw-4242"
 
-pytestmark = pytest.mark.postgres
 
 
 def assert_clean(text: str) -> None:
