@@ -6,6 +6,7 @@ engines share one definition of what a member accepts.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +121,7 @@ def split_postgres_script(script: str) -> list[str]:
         return [script.strip()] if _strip_comments(script).strip() else []
 
 
+@functools.lru_cache(maxsize=1024)  # members repeat their SQL: parse each text once
 def postgres_transaction_control(sql: str) -> str | None:
     """The first statement of `sql` that begins or ends a transaction (`COMMIT`, `BEGIN`,
     `SAVEPOINT` ...), as written, by the server's own parser; None if there is none or
