@@ -21,6 +21,10 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="chia-prefect-home
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# A temporary Prefect server (tests that run a flow in a subprocess without PREFECT_API_URL)
+# migrates a fresh database first; under a loaded 2-core CI machine that took over
+# Prefect's default 20 s once. chia-prefect's own shared_prefect_api() waits 120 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import pytest  # noqa: E402
 
