@@ -1,9 +1,11 @@
 """`DatabaseNode`: the abstract block every engine implements.
 
-It owns what is engine-blind: the member contract (each member declared abstract here,
-with its read/write kind), connection options merged per call, placement on Ray, and
-`close()`. Engines subclass it, set `engine` and `paramstyle`, and implement every member
-plus `connect()`; a missing member makes the subclass impossible to construct.
+It owns what is engine-blind: the members every engine shares, declared with their
+read/write kind and implemented once here over a few engine methods (`atomic()`,
+`connect()`, `_fetch`, `_run_one`, `_run_script`), connection options merged per call,
+placement on Ray, and `close()`. Engines subclass it, set `engine` and `paramstyle`, and
+implement those methods plus the members declared abstract here (`schema`,
+`add_column_if_missing`); a missing one makes the subclass impossible to construct.
 
 SQL text stays dialect-specific: SQLite is `qmark` (`?`, `:name`), Postgres `format`
 (`%s`, `%(name)s`). Engine-blind code renders SQL per `db.paramstyle`.
@@ -20,9 +22,21 @@ from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, PrivateAttr, SecretStr, ValidationError
 
 from chia_prefect import reservations
-from chia_prefect._sql import ExecResult, render_qmark
+from chia_prefect._sql import (
+    ExecResult,
+    check_limit,
+    check_rows,
+    check_single_params,
+    first_row,
+    first_value,
+    normalize_ops,
+    refuse_transaction_control,
+    render_qmark,
+    run_many,
+    run_ops,
+)
 from chia_prefect.errors import ConfigurationError
-from chia_prefect.members import Member, abstract_member
+from chia_prefect.members import Member, abstract_member, read, write
 from chia_prefect.placement import Placement, PlacementState, ray_options
 
 # The catalog logos ship in the package (chia_prefect/static) and are served from the repository.
@@ -71,13 +85,17 @@ class DatabaseNode(Block, ABC):
 
     # --- the member contract ----------------------------------------------------------
 
-    @abstract_member("write")
+    @write
     def init_schema(self, script: str, *, connect_opts: dict | None = None) -> None:
-        """Create the database if it can be created, then run a multi-statement DDL script."""
+        """Create the database if this engine can (SQLite: its directories and file), then run
+        the DDL `script` (Postgres: as one implicit transaction)."""
+        self._ensure_database()
+        self._run_script(script, connect_opts)
 
-    @abstract_member("write")
+    @write
     def executescript(self, script: str, *, connect_opts: dict | None = None) -> None:
-        """Run a multi-statement SQL script, without parameters."""
+        """Run a multi-statement script without parameters; it may BEGIN/COMMIT itself."""
+        self._run_script(script, connect_opts)
 
     @abstract_member("write")
     def add_column_if_missing(
@@ -89,33 +107,85 @@ class DatabaseNode(Block, ABC):
     def schema(self, *, connect_opts: dict | None = None) -> str:
         """A readable listing of the tables and indexes."""
 
-    @abstract_member("write")
+    @write
     def execute(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> ExecResult:
-        """Run one statement in its own committed transaction."""
+        """Run one statement in its own committed transaction; rows it returns attached."""
+        check_single_params(params, "execute")
+        self._check_paramstyle(sql, params, "execute")
+        refuse_transaction_control(sql, all_statements=self.multi_statement, where="execute")
+        with self.atomic(connect_opts) as cur:
+            return self._run_one(cur, sql, params)
 
-    @abstract_member("write", batch=("seq_of_params",))
+    @write(batch=("seq_of_params",))
     def executemany(self, sql: str, seq_of_params: list, *, connect_opts: dict | None = None) -> ExecResult:
-        """Run one statement per parameter set in one transaction; rowcount is the total."""
+        """Run `sql` once per parameter set, in one transaction; rowcount is the total."""
+        check_rows(seq_of_params, "executemany")
+        self._check_paramstyle(sql, seq_of_params, "executemany")
+        refuse_transaction_control(sql, all_statements=self.multi_statement, where="executemany")
+        with self.atomic(connect_opts) as cur:
+            return run_many(cur, sql, seq_of_params)
 
-    @abstract_member("write", batch=("ops",))
+    @write(batch=("ops",))
     def transaction(self, ops: list, *, connect_opts: dict | None = None) -> list[ExecResult]:
-        """Run `(sql, params)` ops all or nothing in one transaction."""
+        """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
+        checked = normalize_ops(ops, all_statements=self.multi_statement)
+        for op in checked:
+            self._check_paramstyle(op.sql, op.params, f"transaction op {op.index}")
+        with self.atomic(connect_opts) as cur:
+            return run_ops(cur, checked, self._run_one)
 
-    @abstract_member("read")
+    @read
     def query(
         self, sql: str, params: tuple | dict = (), *, limit: int | None = None, connect_opts: dict | None = None
     ) -> list[dict]:
-        """Rows as dicts; `limit` caps the fetch; a write raises."""
+        """Rows as dicts, at most `limit` fetched; the connection refuses writes."""
+        return self._fetch(sql, params, check_limit(limit), connect_opts)
 
-    @abstract_member("read")
+    @read
     def query_one(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> dict | None:
         """The first row as a dict, or None."""
+        return first_row(self._fetch(sql, params, 1, connect_opts))
 
-    @abstract_member("read")
+    @read
     def query_value(
         self, sql: str, params: tuple | dict = (), *, default: Any = None, connect_opts: dict | None = None
     ) -> Any:
-        """First column of the first row; `default` when there is no row."""
+        """First column of the first row, `default` when no row (a NULL row gives None)."""
+        return first_value(self._fetch(sql, params, 1, connect_opts), default)
+
+    # --- what each engine implements --------------------------------------------------
+
+    @abstractmethod
+    def atomic(self, connect_opts: dict | BaseModel | None = None) -> AbstractContextManager[Any]:
+        """One write transaction on a fresh connection: a cursor, COMMIT on success, ROLLBACK
+        on error. SQLite: `BEGIN IMMEDIATE` after the node's writer queue; Postgres: a lost
+        connection during COMMIT raises `CommitOutcomeUnknownError`.
+
+        For the write members of a subclass:
+
+            @write
+            def add_entry(self, name: str, *, connect_opts=None) -> None:
+                with self.atomic(connect_opts) as cur:
+                    cur.execute(self.render("INSERT INTO entry (name) VALUES (?)"), (name,))
+        """
+
+    @abstractmethod
+    def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict | None) -> list[dict]:
+        """Rows of one read-only statement as dicts, at most `limit` of them."""
+
+    @abstractmethod
+    def _run_script(self, script: str, connect_opts: dict | None) -> None:
+        """Run a parameterless multi-statement script as the engine runs scripts."""
+
+    @abstractmethod
+    def _run_one(self, cur: Any, sql: str, params: tuple | dict | None) -> ExecResult:
+        """Run one statement on `cur`; its result."""
+
+    def _check_paramstyle(self, sql: object, params: object, where: str) -> None:
+        """Refuse placeholders of another paramstyle before anything runs (engine hook)."""
+
+    def _ensure_database(self) -> None:
+        """Create the database before `init_schema`'s script, where the engine can (hook)."""
 
     @abstractmethod
     def connect(self, *, read_only: bool = False, connect_opts: dict | None = None) -> AbstractContextManager[Any]:

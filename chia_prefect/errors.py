@@ -89,7 +89,13 @@ class NodeConnectionError(ChiaPrefectError, ConnectionError):
 
 class ConnectionLostError(NodeConnectionError):
     """The connection dropped during a call (server restart, network). The server rolled
-    back whatever was not committed; the next call opens a new connection."""
+    back whatever was not committed; the next call opens a new connection.
+
+    `detail` says what was lost and why, without the node's label or credentials."""
+
+    def __init__(self, message: str = "", *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail  # kept through pickling (Ray) with the instance's __dict__
 
 
 class CommitOutcomeUnknownError(ConnectionLostError):

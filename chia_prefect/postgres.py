@@ -25,16 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from chia_prefect._sql import (
     ExecResult,
-    check_limit,
     check_rows,
     check_single_params,
     fetch_dicts,
-    first_row,
-    first_value,
-    normalize_ops,
-    refuse_transaction_control,
-    run_many,
-    run_ops,
     split_postgres_script,
     validate_identifier,
     validate_type_decl,
@@ -240,12 +233,11 @@ class PostgresNode(DatabaseNode):
             if not conn.broken:
                 raise
             lost = f"the connection to {self._where(params)} was lost ({self.scrub(str(exc)).strip()})"
-            error = ConnectionLostError(
+            raise ConnectionLostError(
                 f"{self.label}: {lost}; the server rolled back whatever this call had not "
-                "committed. The next call opens a new connection."
-            )
-            error.detail = lost
-            raise error from None
+                "committed. The next call opens a new connection.",
+                detail=lost,
+            ) from None
         finally:
             conn.close()
 
@@ -293,7 +285,7 @@ class PostgresNode(DatabaseNode):
         return self.scrub(f"database {params.get('dbname') or '(default)'} at {host}:{port}")
 
     @contextmanager
-    def _atomic(self, connect_opts: dict | None) -> Iterator[Any]:
+    def atomic(self, connect_opts: dict | BaseModel | None = None) -> Iterator[Any]:
         """One transaction; a connection lost before COMMIT was sent means nothing applied."""
         committing = False
         try:
@@ -310,13 +302,22 @@ class PostgresNode(DatabaseNode):
 
     def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict | None) -> list[dict]:
         check_single_params(params, "query")
-        _check_paramstyle(sql, params, "query")
+        self._check_paramstyle(sql, params, "query")
         with self.connect(read_only=True, connect_opts=connect_opts) as conn:
             cur = conn.cursor()
             if limit is None:
                 cur.execute(sql, params or None, prepare=True)
                 return fetch_dicts(cur)
             return _stream_dicts(cur, sql, params or None, limit)
+
+    def _check_paramstyle(self, sql: object, params: object, where: str) -> None:
+        _check_paramstyle(sql, params, where)
+
+    def _run_one(self, cur: Any, sql: str, params: tuple | dict | None) -> ExecResult:
+        # prepare=True: extended protocol, so the server refuses a second statement.
+        cur.execute(sql, params or None, prepare=True)
+        rows = fetch_dicts(cur) if cur.description else None
+        return ExecResult(rowcount=cur.rowcount, rows=rows)
 
     def _run_script(self, script: str, connect_opts: dict | None) -> None:
         if not isinstance(script, str):
@@ -343,16 +344,6 @@ class PostgresNode(DatabaseNode):
     # --- members ------------------------------------------------------------------------
 
     @write
-    def init_schema(self, script: str, *, connect_opts: dict | None = None) -> None:
-        """Run the DDL `script` in one transaction (the database itself must exist)."""
-        self._run_script(script, connect_opts)
-
-    @write
-    def executescript(self, script: str, *, connect_opts: dict | None = None) -> None:
-        """Run a multi-statement script without parameters, as one implicit transaction."""
-        self._run_script(script, connect_opts)
-
-    @write
     def add_column_if_missing(
         self, table: str, column: str, type_decl: str, *, connect_opts: dict | None = None
     ) -> bool:
@@ -363,7 +354,7 @@ class PostgresNode(DatabaseNode):
         from psycopg import sql as pgsql
 
         target = pgsql.Identifier(schema_name.lower(), table_name.lower())
-        with self._atomic(connect_opts) as cur:
+        with self.atomic(connect_opts) as cur:
             # Self-conflicting lock: concurrent callers agree on who added the column.
             cur.execute(pgsql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target))
             cur.execute(
@@ -389,24 +380,6 @@ class PostgresNode(DatabaseNode):
             "SELECT schemaname, indexname, indexdef FROM pg_indexes WHERE schemaname = ANY(%s) "
             "ORDER BY schemaname, tablename, indexname", (names,), None, connect_opts)
         return _render_schema(columns, indexes)
-
-    @write
-    def execute(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> ExecResult:
-        """Run one statement in its own committed transaction; `RETURNING` rows attached."""
-        check_single_params(params, "execute")
-        _check_paramstyle(sql, params, "execute")
-        refuse_transaction_control(sql, all_statements=True, where="execute")
-        with self._atomic(connect_opts) as cur:
-            return _run_one(cur, sql, params)
-
-    @write(batch=("seq_of_params",))
-    def executemany(self, sql: str, seq_of_params: list, *, connect_opts: dict | None = None) -> ExecResult:
-        """Run `sql` once per parameter set (pipelined), in one transaction."""
-        check_rows(seq_of_params, "executemany")
-        _check_paramstyle(sql, seq_of_params, "executemany")
-        refuse_transaction_control(sql, all_statements=True, where="executemany")
-        with self._atomic(connect_opts) as cur:
-            return run_many(cur, sql, seq_of_params)
 
     @write(batch=("rows",))
     def copy_rows(
@@ -434,40 +407,11 @@ class PostgresNode(DatabaseNode):
         statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
             pgsql.Identifier(schema_name.lower(), table_name.lower()),
             pgsql.SQL(", ").join(pgsql.Identifier(name) for name in names))
-        with self._atomic(connect_opts) as cur:
+        with self.atomic(connect_opts) as cur:
             with cur.copy(statement) as copy:
                 for row in rows:
                     copy.write_row(row)
             return ExecResult(rowcount=len(rows))
-
-    @write(batch=("ops",))
-    def transaction(self, ops: list, *, connect_opts: dict | None = None) -> list[ExecResult]:
-        """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
-        checked = normalize_ops(ops, all_statements=self.multi_statement)
-        for op in checked:
-            _check_paramstyle(op.sql, op.params, f"transaction op {op.index}")
-        with self._atomic(connect_opts) as cur:
-            return run_ops(cur, checked, _run_one)
-
-    @read
-    def query(
-        self, sql: str, params: tuple | dict = (), *, limit: int | None = None, connect_opts: dict | None = None
-    ) -> list[dict]:
-        """Rows as dicts, at most `limit` fetched; the session is read-only."""
-        return self._fetch(sql, params, check_limit(limit), connect_opts)
-
-    @read
-    def query_one(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> dict | None:
-        """The first row as a dict, or None."""
-        return first_row(self._fetch(sql, params, 1, connect_opts))
-
-    @read
-    def query_value(
-        self, sql: str, params: tuple | dict = (), *, default: Any = None, connect_opts: dict | None = None
-    ) -> Any:
-        """First column of the first row, `default` when no row (a NULL row gives None)."""
-        return first_value(self._fetch(sql, params, 1, connect_opts), default)
-
 
 _FORMAT_PLACEHOLDER = re.compile(r"%(\([^)]*\))?[sbt]")
 
@@ -482,13 +426,6 @@ def _check_paramstyle(sql: object, params: object, where: str) -> None:
         "write ? and pass the SQL through db.render(sql), which renders it for the node's "
         "paramstyle. Nothing was executed."
     )
-
-
-def _run_one(cur: Any, sql: str, params: tuple | dict | None) -> ExecResult:
-    # prepare=True: extended protocol, so the server refuses a second statement.
-    cur.execute(sql, params or None, prepare=True)
-    rows = fetch_dicts(cur) if cur.description else None
-    return ExecResult(rowcount=cur.rowcount, rows=rows)
 
 
 def _stream_dicts(cur: Any, sql: str, params: Any, limit: int) -> list[dict]:

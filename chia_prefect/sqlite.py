@@ -25,16 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chia_prefect._sql import (
     ExecResult,
-    check_limit,
-    check_rows,
     check_single_params,
     fetch_dicts,
-    first_row,
-    first_value,
-    normalize_ops,
-    refuse_transaction_control,
-    run_many,
-    run_ops,
     split_sqlite_script,
     validate_identifier,
     validate_type_decl,
@@ -231,8 +223,9 @@ class SQLiteNode(DatabaseNode):
         return conn
 
     @contextmanager
-    def _atomic(self, connect_opts: dict | None) -> Iterator[sqlite3.Cursor]:
-        """One write transaction: BEGIN IMMEDIATE, COMMIT on success, ROLLBACK on error."""
+    def atomic(self, connect_opts: dict | BaseModel | None = None) -> Iterator[sqlite3.Cursor]:
+        """One write transaction: the writer queue, BEGIN IMMEDIATE, COMMIT on success,
+        ROLLBACK on error."""
         opts: SQLiteConnectOptions = self.resolve_connect_opts(connect_opts)
         with self.connect(connect_opts=opts) as conn, self._writer_turn(opts):
             conn.execute("BEGIN IMMEDIATE")
@@ -282,6 +275,15 @@ class SQLiteNode(DatabaseNode):
         with self.connect(connect_opts=opts) as conn, self._writer_turn(opts):
             conn.executescript(script)
 
+    def _ensure_database(self) -> None:
+        Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+
+    def _run_one(self, cur: sqlite3.Cursor, sql: str, params: tuple | dict | None) -> ExecResult:
+        cur.execute(sql, params or ())
+        rows = fetch_dicts(cur) if cur.description else None
+        lastrowid = cur.lastrowid if _INSERT.match(sql) else None
+        return ExecResult(rowcount=cur.rowcount, lastrowid=lastrowid, rows=rows)
+
     def _query_tool_session(self, caps: Any) -> Any:
         """Reads open the file `mode=ro` under a read-only authorizer."""
         from chia_prefect.query_tool import SQLiteToolSession
@@ -291,17 +293,6 @@ class SQLiteNode(DatabaseNode):
     # --- members ------------------------------------------------------------------------
 
     @write
-    def init_schema(self, script: str, *, connect_opts: dict | None = None) -> None:
-        """Create the parent directories and the file, then run the DDL `script`."""
-        Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
-        self._run_script(script, connect_opts)
-
-    @write
-    def executescript(self, script: str, *, connect_opts: dict | None = None) -> None:
-        """Run a multi-statement script (no parameters); it may BEGIN/COMMIT itself."""
-        self._run_script(script, connect_opts)
-
-    @write
     def add_column_if_missing(
         self, table: str, column: str, type_decl: str, *, connect_opts: dict | None = None
     ) -> bool:
@@ -309,7 +300,7 @@ class SQLiteNode(DatabaseNode):
         validate_identifier(table, "table")
         validate_identifier(column, "column")
         type_decl = validate_type_decl(type_decl)
-        with self._atomic(connect_opts) as cur:
+        with self.atomic(connect_opts) as cur:
             existing = {row[1].lower() for row in cur.execute(f'PRAGMA table_info("{table}")')}
             if not existing:
                 raise sqlite3.OperationalError(f"no such table: {table}")
@@ -332,48 +323,6 @@ class SQLiteNode(DatabaseNode):
             (), None, connect_opts,
         )
         return ";\n".join(row["sql"] for row in rows) + (";" if rows else "")
-
-    @write
-    def execute(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> ExecResult:
-        """Run one statement in its own committed transaction; rows attached if any."""
-        check_single_params(params, "execute")
-        refuse_transaction_control(sql, all_statements=False, where="execute")
-        with self._atomic(connect_opts) as cur:
-            return _run_one(cur, sql, params)
-
-    @write(batch=("seq_of_params",))
-    def executemany(self, sql: str, seq_of_params: list, *, connect_opts: dict | None = None) -> ExecResult:
-        """Run `sql` once per parameter set, in one transaction; rowcount is the total."""
-        check_rows(seq_of_params, "executemany")
-        refuse_transaction_control(sql, all_statements=False, where="executemany")
-        with self._atomic(connect_opts) as cur:
-            return run_many(cur, sql, seq_of_params)
-
-    @write(batch=("ops",))
-    def transaction(self, ops: list, *, connect_opts: dict | None = None) -> list[ExecResult]:
-        """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
-        checked = normalize_ops(ops, all_statements=self.multi_statement)
-        with self._atomic(connect_opts) as cur:
-            return run_ops(cur, checked, _run_one)
-
-    @read
-    def query(
-        self, sql: str, params: tuple | dict = (), *, limit: int | None = None, connect_opts: dict | None = None
-    ) -> list[dict]:
-        """Rows as dicts, at most `limit` fetched; the connection refuses writes."""
-        return self._fetch(sql, params, check_limit(limit), connect_opts)
-
-    @read
-    def query_one(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> dict | None:
-        """The first row as a dict, or None."""
-        return first_row(self._fetch(sql, params, 1, connect_opts))
-
-    @read
-    def query_value(
-        self, sql: str, params: tuple | dict = (), *, default: Any = None, connect_opts: dict | None = None
-    ) -> Any:
-        """First column of the first row, `default` when no row (a NULL row gives None)."""
-        return first_value(self._fetch(sql, params, 1, connect_opts), default)
 
     @write
     def wal_checkpoint(
@@ -414,13 +363,6 @@ class SQLiteNode(DatabaseNode):
             for old in sorted(Path(directory).glob(f"{stem}-*.db"))[:-keep]:
                 old.unlink()
         return final
-
-
-def _run_one(cur: sqlite3.Cursor, sql: str, params: tuple | dict | None) -> ExecResult:
-    cur.execute(sql, params or ())
-    rows = fetch_dicts(cur) if cur.description else None
-    lastrowid = cur.lastrowid if _INSERT.match(sql) else None
-    return ExecResult(rowcount=cur.rowcount, lastrowid=lastrowid, rows=rows)
 
 
 def _wait_for_flock(fd: int, timeout: float) -> bool:

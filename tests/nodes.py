@@ -67,7 +67,7 @@ class LoadSQLiteNode(SQLiteNode):
     @write
     def write_many(self, writer: int, n: int, *, connect_opts: dict | None = None) -> int:
         for seq in range(n):
-            with self._atomic(connect_opts) as cur:
+            with self.atomic(connect_opts) as cur:
                 cur.execute("INSERT INTO load (writer, seq) VALUES (?, ?)", (writer, seq))
         return n
 
@@ -76,7 +76,7 @@ class LoadPostgresNode(PostgresNode):
     @write
     def bump_many(self, n: int, *, connect_opts: dict | None = None) -> int:
         for _ in range(n):
-            with self._atomic(connect_opts) as cur:
+            with self.atomic(connect_opts) as cur:
                 cur.execute("UPDATE counter SET value = value + 1 WHERE id = 1")
         return n
 
@@ -92,7 +92,7 @@ def _signal_and_wait(marker: str) -> None:
 class CommitThenHangSQLiteNode(SQLiteNode):
     @write
     def insert_then_hang(self, value: int, marker: str, *, connect_opts: dict | None = None) -> None:
-        with self._atomic(connect_opts) as cur:
+        with self.atomic(connect_opts) as cur:
             cur.execute("INSERT INTO t (x) VALUES (?)", (value,))
         _signal_and_wait(marker)
 
@@ -100,7 +100,7 @@ class CommitThenHangSQLiteNode(SQLiteNode):
 class CommitThenHangPostgresNode(PostgresNode):
     @write
     def insert_then_hang(self, value: int, marker: str, *, connect_opts: dict | None = None) -> None:
-        with self._atomic(connect_opts) as cur:
+        with self.atomic(connect_opts) as cur:
             cur.execute("INSERT INTO t (x) VALUES (%s)", (value,))
         _signal_and_wait(marker)
 
@@ -112,7 +112,7 @@ class LosesConnectionAtCommitPostgresNode(PostgresNode):
     def insert_then_lose(self, value: int, *, connect_opts: dict | None = None) -> None:
         import psycopg
 
-        with self._atomic(connect_opts) as cur:
+        with self.atomic(connect_opts) as cur:
             cur.execute("INSERT INTO t (x) VALUES (%s)", (value,))
             pid = cur.connection.info.backend_pid
             with psycopg.connect(self.dsn.get_secret_value(), autocommit=True) as other:

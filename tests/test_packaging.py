@@ -42,3 +42,20 @@ def test_every_public_error_is_exported_from_the_package():
     assert len(defined) >= 19
     assert defined <= set(chia_prefect.__all__)
     assert all(getattr(chia_prefect, name) is getattr(errors, name) for name in defined)
+
+
+def test_every_error_keeps_its_type_message_and_data_through_pickling():
+    """Errors cross Ray as pickles: data given to the constructor must come back whole."""
+    import inspect
+    import pickle
+
+    from chia_prefect import errors
+
+    classes = [value for value in vars(errors).values()
+               if inspect.isclass(value) and issubclass(value, Exception) and value.__module__ == errors.__name__]
+    for cls in classes:
+        back = pickle.loads(pickle.dumps(cls(f"{cls.__name__}: what happened")))
+        assert type(back) is cls and str(back) == f"{cls.__name__}: what happened"
+    lost = errors.ConnectionLostError("db: lost", detail="the connection to db was lost")
+    back = pickle.loads(pickle.dumps(lost))
+    assert (str(back), back.detail) == ("db: lost", "the connection to db was lost")

@@ -84,10 +84,15 @@ def test_domain_member_block_runs(tmp_path):
     [block] = blocks_under("Members")
     script = tmp_path / "domain.py"
     script.write_text(block + "\nfrom chia_prefect.base import member_names\n"
-                              "print(member_names(AlignmentDBNode))\n")
+                              "print(member_names(AlignmentDBNode))\n"
+                              f"db = AlignmentDBNode(db_path={str(tmp_path / 'a.db')!r})\n"
+                              "db.init_schema('CREATE TABLE iterations (entry_id TEXT, iteration INTEGER)')\n"
+                              "db.add_iteration('e1', 3)\n"
+                              "print('LOADED', db.load_entry('e1'), db.add_iteration.name)\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "'load_entry'" in done.stdout
+    assert "'load_entry'" in done.stdout and "'add_iteration'" in done.stdout
+    assert "LOADED {'entry_id': 'e1', 'iteration': 3} sqlite.add_iteration" in done.stdout
 
 
 @pytest.mark.ray
