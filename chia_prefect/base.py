@@ -137,12 +137,14 @@ class DatabaseNode(Block, ABC):
     @read
     def query(
         self, sql: str, params: tuple | dict = (), *, limit: int | None = None, connect_opts: dict | None = None
-    ) -> list[dict]:
+    ) -> list[dict[str, Any]]:
         """Rows as dicts, at most `limit` fetched; the connection refuses writes."""
         return self._fetch(sql, params, check_limit(limit), connect_opts)
 
     @read
-    def query_one(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> dict | None:
+    def query_one(
+        self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None
+    ) -> dict[str, Any] | None:
         """The first row as a dict, or None."""
         return first_row(self._fetch(sql, params, 1, connect_opts))
 

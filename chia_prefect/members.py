@@ -26,12 +26,12 @@ import marshal
 import pickle
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
-from prefect.futures import PrefectFutureList
+from prefect.futures import PrefectFuture, PrefectFutureList
 from prefect.utilities.annotations import unmapped
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from chia_prefect.base import DatabaseNode
 
 Kind = Literal["read", "write"]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Batch:
@@ -92,10 +94,15 @@ def _unbox(value: Any) -> Any:
     return value.value if isinstance(value, Batch) else value
 
 
-class Member:
-    """A node operation, declared with `@read` or `@write`."""
+class Member(Generic[P, R]):
+    """A node operation, declared with `@read` or `@write`.
 
-    def __init__(self, fn: Callable[..., Any], kind: Kind, batch: tuple[str, ...] = (), abstract: bool = False):
+    Typed as the method it wraps: on an instance, `db.execute` is a `MemberTask[P, R]` whose
+    call returns `R` and whose `.submit` returns a `PrefectFuture[R]`.
+    """
+
+    def __init__(self, fn: Callable[Concatenate[Any, P], R], kind: Kind, batch: tuple[str, ...] = (),
+                 abstract: bool = False):
         if kind not in ("read", "write"):
             raise ValueError(f"member kind must be 'read' or 'write', got {kind!r}")
         self.fn, self.kind, self.batch = fn, kind, batch
@@ -107,6 +114,12 @@ class Member:
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
+
+    @overload
+    def __get__(self, node: None, owner: type | None = None) -> Member[P, R]: ...
+
+    @overload
+    def __get__(self, node: DatabaseNode, owner: type | None = None) -> MemberTask[P, R]: ...
 
     def __get__(self, node: DatabaseNode | None, owner: type | None = None) -> Any:
         if node is None:
@@ -139,9 +152,29 @@ def _declare(kind: Kind, fn: Callable[..., Any] | None, batch: tuple[str, ...], 
     return Member(fn, kind, batch, abstract)
 
 
+@overload
+def read(fn: Callable[Concatenate[Any, P], R], *, batch: tuple[str, ...] = ()) -> Member[P, R]: ...
+
+
+@overload
+def read(
+    fn: None = None, *, batch: tuple[str, ...] = ()
+) -> Callable[[Callable[Concatenate[Any, P], R]], Member[P, R]]: ...
+
+
 def read(fn: Callable[..., Any] | None = None, *, batch: tuple[str, ...] = ()) -> Any:
     """Declare a read member: read-only connection, may be retried, never cached."""
     return _declare("read", fn, batch, abstract=False)
+
+
+@overload
+def write(fn: Callable[Concatenate[Any, P], R], *, batch: tuple[str, ...] = ()) -> Member[P, R]: ...
+
+
+@overload
+def write(
+    fn: None = None, *, batch: tuple[str, ...] = ()
+) -> Callable[[Callable[Concatenate[Any, P], R]], Member[P, R]]: ...
 
 
 def write(fn: Callable[..., Any] | None = None, *, batch: tuple[str, ...] = ()) -> Any:
@@ -153,7 +186,9 @@ def write(fn: Callable[..., Any] | None = None, *, batch: tuple[str, ...] = ()) 
     return _declare("write", fn, batch, abstract=False)
 
 
-def abstract_member(kind: Kind, batch: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Member]:
+def abstract_member(
+    kind: Kind, batch: tuple[str, ...] = ()
+) -> Callable[[Callable[Concatenate[Any, P], R]], Member[P, R]]:
     """Declare a member every engine must implement (used by `DatabaseNode`)."""
     return lambda fn: Member(fn, kind, batch, abstract=True)
 
@@ -249,14 +284,18 @@ def on_ray_runner() -> bool:
     return isinstance(flow_ctx.task_runner, RayTaskRunner)
 
 
-class MemberTask(Task):
-    """A member bound to one node: a Prefect task whose first argument is the node."""
+class MemberTask(Task[P, R]):
+    """A member bound to one node: a Prefect task whose first argument is the node.
+
+    For type checkers it takes the member's own parameters (without `self`): calling it
+    returns `R`, `.submit` a `PrefectFuture[R]`, `.map` a `PrefectFutureList[R]`.
+    """
 
     _node: DatabaseNode
-    _member: Member
+    _member: Member[P, R]
 
     @classmethod
-    def bind(cls, node: DatabaseNode, member: Member) -> MemberTask:
+    def bind(cls, node: DatabaseNode, member: Member[P, R]) -> MemberTask[P, R]:
         task = cls(
             fn=member.runner,
             name=f"{node.engine}.{member.name}",
@@ -267,7 +306,7 @@ class MemberTask(Task):
         task._attach(node, member)
         return task
 
-    def _attach(self, node: DatabaseNode, member: Member) -> None:
+    def _attach(self, node: DatabaseNode, member: Member[P, R]) -> None:
         self._node, self._member = node, member
         # Task keys default to the wrapper's name and code, the same for every member.
         self.task_key = f"{node.engine}.{member.name}"
@@ -280,7 +319,7 @@ class MemberTask(Task):
     def kind(self) -> Kind:
         return self._member.kind
 
-    def with_options(self, **options: Any) -> MemberTask:  # type: ignore[override]
+    def with_options(self, **options: Any) -> MemberTask[P, R]:  # type: ignore[override]
         """As `Task.with_options`; on a write, `retries=N` also allows N Ray replays."""
         task = super().with_options(**options)
         # Task.with_options builds a plain Task; keep the binding and the routing.
@@ -288,29 +327,39 @@ class MemberTask(Task):
         task._attach(self._node, self._member)
         return task  # type: ignore[return-value]
 
-    def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
-        if on_ray_runner():
-            # A called task would run in the flow's process; submit so placement applies.
-            future = self.submit(*args, wait_for=wait_for, **kwargs)
-            if return_state:
-                future.wait()
-                return future.state
-            return future.result()
-        args, kwargs = self._bind_args(args, kwargs)
-        return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
+    if TYPE_CHECKING:
+        # What a caller sees: the member's parameters; the runtime versions below take the
+        # control keywords (return_state, wait_for, ...) as Task's do.
+        def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...  # type: ignore[override]
 
-    def submit(self, *args: Any, **kwargs: Any) -> Any:
-        control = {k: kwargs.pop(k) for k in ("return_state", "wait_for") if k in kwargs}
-        args, kwargs = self._bind_args(args, kwargs)
-        with self._remote_options() as watch:
-            return _member_future(super().submit(*args, **control, **kwargs), self, watch)
+        def submit(self, *args: P.args, **kwargs: P.kwargs) -> PrefectFuture[R]: ...  # type: ignore[override]
 
-    def map(self, *args: Any, **kwargs: Any) -> Any:
-        with self._remote_options() as watch:
-            futures = super().map(unmapped(self._node), *args, **kwargs)
-        if isinstance(futures, PrefectFutureList):
-            return PrefectFutureList(_member_future(future, self, watch) for future in futures)
-        return futures
+        def map(self, *args: Any, **kwargs: Any) -> PrefectFutureList[R]: ...  # type: ignore[override]
+
+    else:
+        def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
+            if on_ray_runner():
+                # A called task would run in the flow's process; submit so placement applies.
+                future = self.submit(*args, wait_for=wait_for, **kwargs)
+                if return_state:
+                    future.wait()
+                    return future.state
+                return future.result()
+            args, kwargs = self._bind_args(args, kwargs)
+            return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
+
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            control = {k: kwargs.pop(k) for k in ("return_state", "wait_for") if k in kwargs}
+            args, kwargs = self._bind_args(args, kwargs)
+            with self._remote_options() as watch:
+                return _member_future(super().submit(*args, **control, **kwargs), self, watch)
+
+        def map(self, *args: Any, **kwargs: Any) -> Any:
+            with self._remote_options() as watch:
+                futures = super().map(unmapped(self._node), *args, **kwargs)
+            if isinstance(futures, PrefectFutureList):
+                return PrefectFutureList(_member_future(future, self, watch) for future in futures)
+            return futures
 
     def _bind_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Prepend the node and box the member's batch arguments."""
