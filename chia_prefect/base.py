@@ -35,6 +35,7 @@ from chia_prefect._sql import (
     run_many,
     run_ops,
 )
+from chia_prefect.dialects import Dialect
 from chia_prefect.errors import ConfigurationError
 from chia_prefect.members import Member, abstract_member, read, write
 from chia_prefect.placement import Placement, PlacementState, ray_options
@@ -54,6 +55,9 @@ class DatabaseNode(Block, ABC):
 
     model_config = ConfigDict(ignored_types=(Member,), hide_input_in_errors=True)
 
+    # What engine-blind code asks of the engine's SQL; `engine`, `paramstyle` and
+    # `multi_statement` repeat its name, paramstyle and multi_statement for callers.
+    dialect: ClassVar[Dialect]
     engine: ClassVar[str] = ""
     paramstyle: ClassVar[str] = ""
     # Postgres runs several statements per call; SQLite's driver refuses them.
@@ -197,8 +201,14 @@ class DatabaseNode(Block, ABC):
         """
 
     def split_script(self, script: str) -> list[str]:
-        """The statements of `script`, split as this engine's own parser splits them."""
-        raise NotImplementedError
+        """The statements of `script`, split as this engine's own parser splits them
+        (SQLite's tokenizer, `sqlite3.complete_statement`; PostgreSQL's parser, via pglast)."""
+        return self.dialect.split(script)
+
+    def run_maintenance(self, *, backup_dir: str | None = None, keep: int = 7) -> dict[str, Any]:
+        """The engine's routine maintenance, run by the `database-maintenance` flow from the
+        flow's process through the node's members; what was done, by step."""
+        raise NotImplementedError(f"{type(self).__name__} has no maintenance routine")
 
     def render(self, sql: str) -> str:
         """`sql` written with `?` placeholders, rendered for this node's `paramstyle`.

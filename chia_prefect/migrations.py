@@ -49,13 +49,6 @@ CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (
     applied_at TEXT NOT NULL
 )"""
 _RECORD = f"INSERT INTO {VERSION_TABLE} (version, name, checksum, applied_at) VALUES (?, ?, ?, ?)"
-_TABLE_EXISTS = {
-    "sqlite": "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
-    "postgres": "SELECT COUNT(*) FROM information_schema.tables "
-    "WHERE table_schema = current_schema() AND table_name = ?",
-}
-# SQLite's BEGIN IMMEDIATE already serialises writers; Postgres needs a lock of its own.
-_LOCK = {"postgres": "SELECT pg_advisory_xact_lock(1667786081)"}
 _FILE = re.compile(r"(\d{4})_([A-Za-z0-9][A-Za-z0-9_\-]*)\.sql")
 _NO_TRANSACTION = re.compile(r"\s*--\s*chia:\s*no-transaction\b", re.IGNORECASE)
 
@@ -141,10 +134,10 @@ def check_sequence(migrations: list[Migration], where: str = "migrations") -> li
 def _applied(node: DatabaseNode) -> list[dict[str, Any]]:
     # A SQLite file not created yet is version 0: asked first, so the probe below does not
     # fail a task run (a Failed run and a traceback in the first migration's output).
-    if node.engine == "sqlite" and not node.exists():
+    if node.dialect.created_on_first_write and not node.exists():
         return []
     try:
-        exists = node.query_value(node.render(_TABLE_EXISTS[node.engine]), (VERSION_TABLE,))
+        exists = node.query_value(node.dialect.table_exists_sql, (VERSION_TABLE,))
     except DatabaseNotFoundError:  # a SQLite file not created yet: version 0
         return []
     if not exists:
@@ -192,7 +185,8 @@ def _record(node: DatabaseNode, migrations: list[Migration]) -> tuple[str, list[
 
 
 def _lock_ops(node: DatabaseNode) -> list[tuple]:
-    return [(_LOCK[node.engine], None)] if node.engine in _LOCK else []
+    lock = node.dialect.migration_lock_sql
+    return [(lock, None)] if lock else []
 
 
 def _apply(node: DatabaseNode, migration: Migration) -> bool:

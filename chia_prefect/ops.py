@@ -10,12 +10,11 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
 
 from prefect import flow, get_run_logger
 
 from chia_prefect.base import DatabaseNode
-from chia_prefect.errors import BlockNotFoundError, ConfigurationError, IntegrityCheckError
+from chia_prefect.errors import BlockNotFoundError, ConfigurationError
 from chia_prefect.local import ray_task_runner
 from chia_prefect.migrations import load_migrations, migrate
 
@@ -131,18 +130,6 @@ def migration_plan(block: str, migrations_dir: str, target: int | None = None) -
 # --- maintenance ----------------------------------------------------------------------
 
 
-def _maintain_sqlite(db: Any, backup_dir: str | None, keep: int) -> dict:
-    out: dict[str, Any] = {"checkpoint": db.wal_checkpoint("TRUNCATE")}
-    db.execute("PRAGMA optimize")
-    problems = [row["integrity_check"] for row in db.query("PRAGMA integrity_check", limit=20)]
-    if problems != ["ok"]:
-        raise IntegrityCheckError(f"{db.label}: integrity_check reported {problems}; restore from a backup.")
-    out["integrity"] = "ok"
-    directory = backup_dir or os.path.join(os.path.dirname(db.db_path), "backups")
-    out["backup"] = db.backup(directory, keep=keep)
-    return out
-
-
 @flow(name="database-maintenance", task_runner=ray_task_runner())
 def maintenance(block: str, backup_dir: str | None = None, keep: int = 7) -> dict:
     """Maintain the node saved as `block` ("slug/name").
@@ -158,11 +145,7 @@ def maintenance(block: str, backup_dir: str | None = None, keep: int = 7) -> dic
     """
     db = load_node(block)
     with db:
-        if db.engine == "sqlite":
-            out = _maintain_sqlite(db, backup_dir, keep)
-        else:
-            db.execute("ANALYZE")
-            out = {"analyze": "done"}
+        out = db.run_maintenance(backup_dir=backup_dir, keep=keep)
     get_run_logger().info("maintenance of %s: %s", db.label, out)
     return out
 

@@ -28,12 +28,12 @@ from chia_prefect._sql import (
     check_rows,
     check_single_params,
     fetch_dicts,
-    split_postgres_script,
     validate_identifier,
     validate_type_decl,
 )
 from chia_prefect._ui import optional_field
 from chia_prefect.base import LOGO_BASE_URL, DatabaseNode
+from chia_prefect.dialects import POSTGRES, Dialect
 from chia_prefect.limits import run_logger
 from chia_prefect.errors import (
     CommitOutcomeUnknownError,
@@ -124,9 +124,10 @@ class PostgresNode(DatabaseNode):
     )
     _documentation_url = "https://github.com/chia-prefect/chia-prefect#readme"  # type: ignore[assignment]
 
-    engine: ClassVar[str] = "postgres"
-    paramstyle: ClassVar[str] = "format"
-    multi_statement: ClassVar[bool] = True
+    dialect: ClassVar[Dialect] = POSTGRES
+    engine: ClassVar[str] = POSTGRES.name
+    paramstyle: ClassVar[str] = POSTGRES.paramstyle
+    multi_statement: ClassVar[bool] = POSTGRES.multi_statement
     query_tool_options: ClassVar[frozenset[str]] = frozenset({"dsn", "schemas", "allow_privileged_role"})
 
     dsn: SecretStr | None = optional_field(
@@ -210,10 +211,6 @@ class PostgresNode(DatabaseNode):
         if opts.application_name:
             params["application_name"] = opts.application_name
         return params
-
-    def split_script(self, script: str) -> list[str]:
-        """The statements of `script`, split by PostgreSQL's own parser (pglast)."""
-        return split_postgres_script(script)
 
     def _limit_identity(self) -> str:
         params = self._conninfo(False, self.connect_opts)
@@ -342,6 +339,12 @@ class PostgresNode(DatabaseNode):
         return session
 
     # --- members ------------------------------------------------------------------------
+
+    def run_maintenance(self, *, backup_dir: str | None = None, keep: int = 7) -> dict[str, Any]:
+        """`ANALYZE` (backups of a server are the server's business: `backup_dir` and `keep`
+        do not apply)."""
+        self.execute("ANALYZE")
+        return {"analyze": "done"}
 
     @write
     def add_column_if_missing(

@@ -482,11 +482,9 @@ def serve_block_stdio(args: Any) -> int:
         block = _block(args.block)
         node = load_node(block)
         caps = Caps(args.row_limit, args.cell_char_limit, args.total_char_limit, args.time_limit_s)
-        if node.engine == "sqlite":
-            session: Any = SQLiteToolSession(node.db_path, caps)
-        else:
-            session = PostgresToolSession(node, caps)
-            session.check_role(args.allow_privileged_role)
+        options = {"allow_privileged_role": args.allow_privileged_role}
+        session = node._query_tool_session(
+            caps, **{key: value for key, value in options.items() if key in node.query_tool_options})
     except Exception as exc:  # noqa: BLE001 - every reason goes to the client
         reason = " ".join(str(exc).split()) or type(exc).__name__
         print(f"chia-prefect mcp: error: {reason}", file=sys.stderr)

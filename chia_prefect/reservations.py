@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from chia_prefect import runner as _runner
+
 _LOCK = threading.RLock()
 _COUNTER = itertools.count(1)
 # How long a released group waits for members still running in it before it is removed.
@@ -278,3 +280,7 @@ def _cluster_id() -> str:
 
 
 atexit.register(release_all)
+
+# FastRayTaskRunner ends its runs' reservations as it exits (the stock runner's are ended
+# by the reaper when the flow run's context goes away).
+_runner.add_exit_hook(end_runs_of)

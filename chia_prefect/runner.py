@@ -33,7 +33,7 @@ import sys
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -247,14 +247,24 @@ class FastRayTaskRunner(RayTaskRunner):
         return PrefectRayFuture(task_run_id=task_run_id, wrapped_future=object_ref)
 
     def __exit__(self, *exc_info: Any) -> None:
-        # The run's context is already reset: release what its nodes reserved now, before
-        # the stock runner may shut down a Ray it started.
-        from chia_prefect import reservations
-
+        # The run's context is already reset: hooks release what the run reserved now
+        # (chia-prefect's nodes register one), before the stock runner may shut down a Ray
+        # it started.
         try:
-            reservations.end_runs_of(self)
+            for hook in list(_exit_hooks):
+                hook(self)
         finally:
             super().__exit__(*exc_info)
+
+
+_exit_hooks: list[Callable[[Any], None]] = []
+
+
+def add_exit_hook(hook: Callable[[Any], None]) -> None:
+    """Call `hook(runner)` as every `FastRayTaskRunner` exits, once per hook. The runner
+    imports nothing else of chia-prefect: the package's parts register what they need."""
+    if hook not in _exit_hooks:
+        _exit_hooks.append(hook)
 
 
 # ---------------------------------------------------------------- worker side

@@ -27,14 +27,15 @@ from chia_prefect._sql import (
     ExecResult,
     check_single_params,
     fetch_dicts,
-    split_sqlite_script,
     validate_identifier,
     validate_type_decl,
 )
 from chia_prefect._ui import optional_field
 from chia_prefect.base import LOGO_BASE_URL, DatabaseNode
+from chia_prefect.dialects import SQLITE, Dialect
 from chia_prefect.errors import (
     DatabaseNotFoundError,
+    IntegrityCheckError,
     NetworkFilesystemError,
     StorageFullError,
     TransactionControlError,
@@ -115,9 +116,10 @@ class SQLiteNode(DatabaseNode):
     )
     _documentation_url = "https://github.com/chia-prefect/chia-prefect#readme"  # type: ignore[assignment]
 
-    engine: ClassVar[str] = "sqlite"
-    paramstyle: ClassVar[str] = "qmark"
-    multi_statement: ClassVar[bool] = False
+    dialect: ClassVar[Dialect] = SQLITE
+    engine: ClassVar[str] = SQLITE.name
+    paramstyle: ClassVar[str] = SQLITE.paramstyle
+    multi_statement: ClassVar[bool] = SQLITE.multi_statement
 
     db_path: str = Field(
         title="Database file",
@@ -160,10 +162,6 @@ class SQLiteNode(DatabaseNode):
                 "resolve against the working directory of whichever Ray worker runs the member."
             )
         return os.path.normpath(text)
-
-    def split_script(self, script: str) -> list[str]:
-        """The statements of `script`, split where SQLite's own tokenizer ends them (`sqlite3.complete_statement`)."""
-        return split_sqlite_script(script)
 
     @property
     def label(self) -> str:
@@ -323,6 +321,20 @@ class SQLiteNode(DatabaseNode):
             (), None, connect_opts,
         )
         return ";\n".join(row["sql"] for row in rows) + (";" if rows else "")
+
+    def run_maintenance(self, *, backup_dir: str | None = None, keep: int = 7) -> dict[str, Any]:
+        """WAL checkpoint (TRUNCATE), `PRAGMA optimize`, `PRAGMA integrity_check` (damage raises
+        `IntegrityCheckError`), then an online backup into `backup_dir` (default `backups/`
+        beside the file), keeping the newest `keep`."""
+        out: dict[str, Any] = {"checkpoint": self.wal_checkpoint("TRUNCATE")}
+        self.execute("PRAGMA optimize")
+        problems = [row["integrity_check"] for row in self.query("PRAGMA integrity_check", limit=20)]
+        if problems != ["ok"]:
+            raise IntegrityCheckError(f"{self.label}: integrity_check reported {problems}; restore from a backup.")
+        out["integrity"] = "ok"
+        directory = backup_dir or os.path.join(os.path.dirname(self.db_path), "backups")
+        out["backup"] = self.backup(directory, keep=keep)
+        return out
 
     @write
     def wal_checkpoint(

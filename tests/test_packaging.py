@@ -59,3 +59,26 @@ def test_every_error_keeps_its_type_message_and_data_through_pickling():
     lost = errors.ConnectionLostError("db: lost", detail="the connection to db was lost")
     back = pickle.loads(pickle.dumps(lost))
     assert (str(back), back.detail) == ("db: lost", "the connection to db was lost")
+
+
+def test_the_fast_runner_imports_nothing_else_of_the_package():
+    """FastRayTaskRunner stands alone: the package's parts register with it, not the reverse."""
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parent.parent / "chia_prefect" / "runner.py").read_text())
+    ours = [ast.unparse(node) for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("chia_prefect")
+            or isinstance(node, ast.Import) and any(a.name.startswith("chia_prefect") for a in node.names)]
+    assert ours == []
+
+
+def test_engine_blind_code_asks_the_dialect_not_the_engine_name():
+    """No `engine ==` branches outside the engines: migrations, the flows, the CLI and the
+    tool read `node.dialect` or call the node."""
+    import re
+
+    package = Path(__file__).resolve().parent.parent / "chia_prefect"
+    branches = [f"{path.name}:{number}" for path in sorted(package.glob("*.py"))
+                for number, line in enumerate(path.read_text().splitlines(), 1)
+                if re.search(r"\bengine\s*(==|!=|\bin\b)", line) and not line.lstrip().startswith(("#", '"'))]
+    assert branches == []
