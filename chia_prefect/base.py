@@ -16,6 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from prefect.blocks.core import Block
@@ -74,8 +75,8 @@ class DatabaseNode(Block, ABC):
         connect_opts: BaseModel
 
     _placement_state: PlacementState = PrivateAttr(default_factory=PlacementState)
-    _tools: list = PrivateAttr(default_factory=list)
-    _member_tasks: dict = PrivateAttr(default_factory=dict)  # bound once per node, by name
+    _tools: list[Any] = PrivateAttr(default_factory=list)
+    _member_tasks: dict[str, Any] = PrivateAttr(default_factory=dict)  # bound once per node, by name
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -90,29 +91,33 @@ class DatabaseNode(Block, ABC):
     # --- the member contract ----------------------------------------------------------
 
     @write
-    def init_schema(self, script: str, *, connect_opts: dict | None = None) -> None:
+    def init_schema(self, script: str, *, connect_opts: dict[str, Any] | None = None) -> None:
         """Create the database if this engine can (SQLite: its directories and file), then run
         the DDL `script` (Postgres: as one implicit transaction)."""
         self._ensure_database()
         self._run_script(script, connect_opts)
 
     @write
-    def executescript(self, script: str, *, connect_opts: dict | None = None) -> None:
+    def executescript(self, script: str, *, connect_opts: dict[str, Any] | None = None) -> None:
         """Run a multi-statement script without parameters; it may BEGIN/COMMIT itself."""
         self._run_script(script, connect_opts)
 
     @abstract_member("write")
     def add_column_if_missing(
-        self, table: str, column: str, type_decl: str, *, connect_opts: dict | None = None
+        self, table: str, column: str, type_decl: str, *, connect_opts: dict[str, Any] | None = None
     ) -> bool:
         """`ALTER TABLE ... ADD COLUMN` if absent; True iff added. Input validated first."""
+        raise NotImplementedError
 
     @abstract_member("read")
-    def schema(self, *, connect_opts: dict | None = None) -> str:
+    def schema(  # type: ignore[override]  # pydantic's deprecated BaseModel.schema() classmethod
+        self, *, connect_opts: dict[str, Any] | None = None
+    ) -> str:
         """A readable listing of the tables and indexes."""
+        raise NotImplementedError
 
     @write
-    def execute(self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None) -> ExecResult:
+    def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = (), *, connect_opts: dict[str, Any] | None = None) -> ExecResult:
         """Run one statement in its own committed transaction; rows it returns attached."""
         check_single_params(params, "execute")
         self._check_paramstyle(sql, params, "execute")
@@ -121,7 +126,7 @@ class DatabaseNode(Block, ABC):
             return self._run_one(cur, sql, params)
 
     @write(batch=("seq_of_params",))
-    def executemany(self, sql: str, seq_of_params: list, *, connect_opts: dict | None = None) -> ExecResult:
+    def executemany(self, sql: str, seq_of_params: list[Any], *, connect_opts: dict[str, Any] | None = None) -> ExecResult:
         """Run `sql` once per parameter set, in one transaction; rowcount is the total."""
         check_rows(seq_of_params, "executemany")
         self._check_paramstyle(sql, seq_of_params, "executemany")
@@ -130,7 +135,7 @@ class DatabaseNode(Block, ABC):
             return run_many(cur, sql, seq_of_params)
 
     @write(batch=("ops",))
-    def transaction(self, ops: list, *, connect_opts: dict | None = None) -> list[ExecResult]:
+    def transaction(self, ops: list[Any], *, connect_opts: dict[str, Any] | None = None) -> list[ExecResult]:
         """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
         checked = normalize_ops(ops, all_statements=self.multi_statement)
         for op in checked:
@@ -140,21 +145,21 @@ class DatabaseNode(Block, ABC):
 
     @read
     def query(
-        self, sql: str, params: tuple | dict = (), *, limit: int | None = None, connect_opts: dict | None = None
+        self, sql: str, params: tuple[Any, ...] | dict[str, Any] = (), *, limit: int | None = None, connect_opts: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
         """Rows as dicts, at most `limit` fetched; the connection refuses writes."""
         return self._fetch(sql, params, check_limit(limit), connect_opts)
 
     @read
     def query_one(
-        self, sql: str, params: tuple | dict = (), *, connect_opts: dict | None = None
+        self, sql: str, params: tuple[Any, ...] | dict[str, Any] = (), *, connect_opts: dict[str, Any] | None = None
     ) -> dict[str, Any] | None:
         """The first row as a dict, or None."""
         return first_row(self._fetch(sql, params, 1, connect_opts))
 
     @read
     def query_value(
-        self, sql: str, params: tuple | dict = (), *, default: Any = None, connect_opts: dict | None = None
+        self, sql: str, params: tuple[Any, ...] | dict[str, Any] = (), *, default: Any = None, connect_opts: dict[str, Any] | None = None
     ) -> Any:
         """First column of the first row, `default` when no row (a NULL row gives None)."""
         return first_value(self._fetch(sql, params, 1, connect_opts), default)
@@ -162,7 +167,7 @@ class DatabaseNode(Block, ABC):
     # --- what each engine implements --------------------------------------------------
 
     @abstractmethod
-    def atomic(self, connect_opts: dict | BaseModel | None = None) -> AbstractContextManager[Any]:
+    def atomic(self, connect_opts: dict[str, Any] | BaseModel | None = None) -> AbstractContextManager[Any]:
         """One write transaction on a fresh connection: a cursor, COMMIT on success, ROLLBACK
         on error. SQLite: `BEGIN IMMEDIATE` after the node's writer queue; Postgres: a lost
         connection during COMMIT raises `CommitOutcomeUnknownError`.
@@ -176,15 +181,15 @@ class DatabaseNode(Block, ABC):
         """
 
     @abstractmethod
-    def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict | None) -> list[dict]:
+    def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict[str, Any] | None) -> list[dict[str, Any]]:
         """Rows of one read-only statement as dicts, at most `limit` of them."""
 
     @abstractmethod
-    def _run_script(self, script: str, connect_opts: dict | None) -> None:
+    def _run_script(self, script: str, connect_opts: dict[str, Any] | None) -> None:
         """Run a parameterless multi-statement script as the engine runs scripts."""
 
     @abstractmethod
-    def _run_one(self, cur: Any, sql: str, params: tuple | dict | None) -> ExecResult:
+    def _run_one(self, cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
         """Run one statement on `cur`; its result."""
 
     def _check_paramstyle(self, sql: object, params: object, where: str) -> None:
@@ -194,7 +199,9 @@ class DatabaseNode(Block, ABC):
         """Create the database before `init_schema`'s script, where the engine can (hook)."""
 
     @abstractmethod
-    def connect(self, *, read_only: bool = False, connect_opts: dict | None = None) -> AbstractContextManager[Any]:
+    def connect(
+        self, *, read_only: bool = False, connect_opts: dict[str, Any] | BaseModel | None = None
+    ) -> AbstractContextManager[Any]:
         """A fresh DB-API connection with the node's options, closed on exit.
 
         For domain members of a subclass. Reads pass `read_only=True` to get the guard.
@@ -267,7 +274,7 @@ class DatabaseNode(Block, ABC):
 
     # --- options, placement, lifetime -------------------------------------------------
 
-    def resolve_connect_opts(self, connect_opts: dict | BaseModel | None = None) -> Any:
+    def resolve_connect_opts(self, connect_opts: dict[str, Any] | BaseModel | None = None) -> Any:
         """The block's `connect_opts` with a call's overrides applied and validated."""
         if connect_opts is None:
             return self.connect_opts
@@ -289,7 +296,7 @@ class DatabaseNode(Block, ABC):
     def _ray_options(self) -> dict[str, Any]:
         return ray_options(self.placement, self._placement_state, self.label, self._reservation_key())
 
-    def _reservation_key(self) -> tuple:
+    def _reservation_key(self) -> tuple[Any, ...]:
         """What identifies the database: nodes with the same key and placement share one
         placement group. Engines narrow it (SQLite: the file)."""
         return (self.engine, self.label)
@@ -374,8 +381,8 @@ def _check_member_kinds(cls: type) -> None:
             )
 
 
-def _members(cls: type) -> dict[str, Member]:
-    found: dict[str, Member] = {}
+def _members(cls: type) -> dict[str, Member[Any, Any]]:
+    found: dict[str, Member[Any, Any]] = {}
     for klass in reversed(cls.__mro__):
         found.update({k: v for k, v in vars(klass).items() if isinstance(v, Member)})
     return found
@@ -386,7 +393,7 @@ def _loading_block_name() -> str | None:
     it (`Block._from_block_document`): Prefect does not pass it to `model_validate`."""
     import sys
 
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(6):
         if frame is None:
             return None

@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 def _need_api(what: str) -> str:
     from prefect.settings import PREFECT_API_URL
 
-    url = PREFECT_API_URL.value()
+    url: str | None = PREFECT_API_URL.value()
     if not url:
         raise CommandError(
             f"{what} needs the Prefect API that holds your blocks: set PREFECT_API_URL "
@@ -195,7 +195,7 @@ def _quiet(debug: bool) -> None:
 def _runner(debug: bool) -> Any:
     """The flows' task runner for this command: RAY_ADDRESS, else a temporary local Ray.
     Without --debug the Ray workers' output stays in their logs and the Prefect UI."""
-    from prefect_ray import RayTaskRunner
+    from prefect_ray.task_runners import RayTaskRunner
 
     quiet = {} if debug else {"log_to_driver": False}
     if os.environ.get("RAY_ADDRESS"):
@@ -215,7 +215,8 @@ def _one_line(exc: BaseException) -> str:
 def _demo(args: argparse.Namespace) -> int:
     from chia_prefect.ops import atomic_demo, format_summary
 
-    _positive(args.entries, "--entries"), _positive(args.iterations, "--iterations")
+    _positive(args.entries, "--entries")
+    _positive(args.iterations, "--iterations")
     _positive(args.benchmarks, "--benchmarks")
     block = _block(args.block) if args.block else None
     from contextlib import nullcontext
@@ -239,7 +240,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_ui_server() -> dict:
+def _start_ui_server() -> dict[str, Any]:
     """A `prefect server start` with its UI, detached, so it outlives the demo."""
     import socket
     import subprocess
@@ -276,7 +277,7 @@ def _start_ui_server() -> dict:
     raise CommandError(f"the Prefect server for --keep-ui did not start within 120 s; see {log}.")
 
 
-def _migrations(directory: str) -> list:
+def _migrations(directory: str) -> list[Any]:
     from chia_prefect.migrations import load_migrations
     from chia_prefect.ops import migrations_dir
 
@@ -416,7 +417,7 @@ def _root(exc: BaseException) -> BaseException:
     """The error worth showing: ours when it is in the chain (a flow re-raises a task's)."""
     from chia_prefect.errors import ChiaPrefectError
 
-    seen = exc
+    seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ChiaPrefectError):
             return seen

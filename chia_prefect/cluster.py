@@ -97,10 +97,10 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
 
 def runner_address(runner: object) -> str | None:
     """The address a RayTaskRunner will join: its own, or RAY_ADDRESS when it has none."""
-    address = getattr(runner, "address", None)
+    address: str | None = getattr(runner, "address", None)
     if address:
         return address
-    init_address = (getattr(runner, "init_kwargs", None) or {}).get("address")
+    init_address: str | None = (getattr(runner, "init_kwargs", None) or {}).get("address")
     return init_address or os.environ.get("RAY_ADDRESS") or None
 
 

@@ -85,7 +85,7 @@ def ensure_limit(name: str, limit: int, refresh: bool = False) -> None:
 def member_slot(node: DatabaseNode | None, member: str) -> Iterator[None]:
     """Hold one slot of `node`'s limit around a member (nothing when it has no cap)."""
     cap = getattr(node, "max_concurrency", None)
-    if not cap:
+    if not cap or node is None:
         yield
         return
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
@@ -144,7 +144,7 @@ def _show_state(name: str, message: str | None) -> None:
     if ctx is None:
         return
     task_run = ctx.task_run
-    state = AwaitingConcurrencySlot(message=message) if name == "AwaitingConcurrencySlot" else Running()
+    state: Any = AwaitingConcurrencySlot(message=message) if name == "AwaitingConcurrencySlot" else Running()
     state.state_details.task_run_id = task_run.id
     state.state_details.flow_run_id = task_run.flow_run_id
     previous = task_run.state

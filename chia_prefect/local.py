@@ -40,7 +40,7 @@ def ray_task_runner() -> Any:
 
     Ray already running in this process is used as it is.
     """
-    from prefect_ray import RayTaskRunner
+    from prefect_ray.task_runners import RayTaskRunner
 
     if os.environ.get("RAY_ADDRESS"):
         return RayTaskRunner(address=os.environ["RAY_ADDRESS"])

@@ -26,7 +26,7 @@ import marshal
 import pickle
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, cast, overload
 
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
@@ -61,7 +61,7 @@ class Batch:
     def __init__(self, value: Any) -> None:
         self.value = value
 
-    def __reduce_ex__(self, protocol: int) -> tuple[Any, tuple[Any, ...]]:
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, tuple[Any, ...]]:  # type: ignore[override]
         # Rows of plain values (int, float, str, bytes, None, tuples, lists, dicts) travel as
         # marshal bytes: 8x faster to write than pickle for 1M rows. With pickle protocol 5
         # they go out of band, so Ray hands the worker its object-store copy without another.
@@ -200,7 +200,7 @@ def _worker_death_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(errors, name) for name in names if hasattr(errors, name))
 
 
-def _report_state(task: Task, flow_run_id: Any, task_run_id: Any, state: Any) -> None:
+def _report_state(task: Task[Any, Any] | None, flow_run_id: Any, task_run_id: Any, state: Any) -> None:
     """Tell the Prefect API how a task run ended when its worker cannot: it died, or the
     member never started. A run the API does not know yet is created in that state."""
     from prefect.client.orchestration import get_client
@@ -210,13 +210,13 @@ def _report_state(task: Task, flow_run_id: Any, task_run_id: Any, state: Any) ->
         try:
             client.set_task_run_state(task_run_id, state, force=True)
         except PrefectHTTPStatusError as error:
-            if error.response.status_code != 404:
+            if error.response.status_code != 404 or task is None:
                 raise
             client.create_task_run(task, flow_run_id, dynamic_key=f"{task.task_key}-{task_run_id.hex}",
                                    id=task_run_id, state=state, name=f"{task.name}-{task_run_id.hex[:3]}")
 
 
-class MemberRayFuture(PrefectRayFuture):
+class MemberRayFuture(PrefectRayFuture[Any]):
     """A member's future on Ray.
 
     A member stuck in Ray's queue past the node's `schedule_timeout_s` is cancelled and
@@ -224,7 +224,7 @@ class MemberRayFuture(PrefectRayFuture):
     Running.
     """
 
-    _task: Task | None = None
+    _task: Task[Any, Any] | None = None
     _flow_run_id: Any = None
     _watch: Watch | None = None
     _reported = False
@@ -263,7 +263,7 @@ class MemberRayFuture(PrefectRayFuture):
         return super().result(timeout=timeout, raise_on_failure=raise_on_failure)
 
 
-def _member_future(future: Any, task: MemberTask, watch: Watch | None) -> Any:
+def _member_future(future: Any, task: MemberTask[Any, Any], watch: Watch | None) -> Any:
     if not isinstance(future, PrefectRayFuture):
         return future
     wrapped = MemberRayFuture(task_run_id=future.task_run_id, wrapped_future=future.wrapped_future)
@@ -292,7 +292,8 @@ class MemberTask(Task[P, R]):
     """
 
     _node: DatabaseNode
-    _member: Member[P, R]
+    # `_member` is set in _attach: declared in the class body, a type checker would read
+    # the Member (a descriptor) as bound to this task.
 
     @classmethod
     def bind(cls, node: DatabaseNode, member: Member[P, R]) -> MemberTask[P, R]:
@@ -307,7 +308,8 @@ class MemberTask(Task[P, R]):
         return task
 
     def _attach(self, node: DatabaseNode, member: Member[P, R]) -> None:
-        self._node, self._member = node, member
+        self._node = node
+        self._member: Member[P, R] = member
         # Task keys default to the wrapper's name and code, the same for every member.
         self.task_key = f"{node.engine}.{member.name}"
 
@@ -319,13 +321,13 @@ class MemberTask(Task[P, R]):
     def kind(self) -> Kind:
         return self._member.kind
 
-    def with_options(self, **options: Any) -> MemberTask[P, R]:  # type: ignore[override]
+    def with_options(self, **options: Any) -> MemberTask[P, R]:
         """As `Task.with_options`; on a write, `retries=N` also allows N Ray replays."""
-        task = super().with_options(**options)
+        task = cast("MemberTask[P, R]", super().with_options(**options))
         # Task.with_options builds a plain Task; keep the binding and the routing.
         task.__class__ = type(self)
         task._attach(self._node, self._member)
-        return task  # type: ignore[return-value]
+        return task
 
     if TYPE_CHECKING:
         # What a caller sees: the member's parameters; the runtime versions below take the
@@ -361,7 +363,7 @@ class MemberTask(Task[P, R]):
                 return PrefectFutureList(_member_future(future, self, watch) for future in futures)
             return futures
 
-    def _bind_args(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _bind_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Prepend the node and box the member's batch arguments."""
         try:
             bound = self._member.signature.bind(self._node, *args, **kwargs)

@@ -134,7 +134,8 @@ def check_sequence(migrations: list[Migration], where: str = "migrations") -> li
 def _applied(node: DatabaseNode) -> list[dict[str, Any]]:
     # A SQLite file not created yet is version 0: asked first, so the probe below does not
     # fail a task run (a Failed run and a traceback in the first migration's output).
-    if node.dialect.created_on_first_write and not node.exists():
+    # Such an engine's node has the `exists` member (SQLite's).
+    if node.dialect.created_on_first_write and not node.exists():  # type: ignore[attr-defined]
         return []
     try:
         exists = node.query_value(node.dialect.table_exists_sql, (VERSION_TABLE,))
@@ -179,12 +180,12 @@ def _plan(applied: list[dict[str, Any]], migrations: list[Migration], target: in
     return MigrationPlan(current, target, [m for m in migrations if current < m.version <= target], applied)
 
 
-def _record(node: DatabaseNode, migrations: list[Migration]) -> tuple[str, list[tuple]]:
+def _record(node: DatabaseNode, migrations: list[Migration]) -> tuple[str, list[tuple[Any, ...]]]:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return node.render(_RECORD), [(m.version, m.name, m.checksum, now) for m in migrations]
 
 
-def _lock_ops(node: DatabaseNode) -> list[tuple]:
+def _lock_ops(node: DatabaseNode) -> list[tuple[Any, ...]]:
     lock = node.dialect.migration_lock_sql
     return [(lock, None)] if lock else []
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 
@@ -98,7 +99,7 @@ def migrations_dir(path: str) -> str:
 
 
 @flow(name="migrate-database", task_runner=ray_task_runner())
-def migrate_database(block: str, migrations_dir: str, target: int | None = None, dry_run: bool = False) -> dict:
+def migrate_database(block: str, migrations_dir: str, target: int | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Plan and apply the `NNNN_name.sql` files in `migrations_dir` to the node `block`.
 
     Args:
@@ -131,7 +132,7 @@ def migration_plan(block: str, migrations_dir: str, target: int | None = None) -
 
 
 @flow(name="database-maintenance", task_runner=ray_task_runner())
-def maintenance(block: str, backup_dir: str | None = None, keep: int = 7) -> dict:
+def maintenance(block: str, backup_dir: str | None = None, keep: int = 7) -> dict[str, Any]:
     """Maintain the node saved as `block` ("slug/name").
 
     SQLite: WAL checkpoint (TRUNCATE), PRAGMA optimize, PRAGMA integrity_check (a damaged
@@ -170,7 +171,7 @@ ORDER BY i.entry_id
 """
 
 
-def iteration_ops(db: DatabaseNode, entry_id: str, iteration: int, benchmarks: int) -> list:
+def iteration_ops(db: DatabaseNode, entry_id: str, iteration: int, benchmarks: int) -> list[Any]:
     """The three ops that record one iteration; deterministic, so re-runs rewrite the same rows."""
     rng = random.Random(f"{entry_id}/{iteration}")
     results = [(entry_id, iteration, f"bench-{b:03d}", round(rng.uniform(1, 100), 3)) for b in range(benchmarks)]
@@ -197,7 +198,7 @@ def atomic_demo(
     iterations: int = 4,
     benchmarks: int = 200,
     db_path: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Record `entries` x `iterations` iterations atomically and concurrently, then summarise.
 
     It first applies the demo's migrations. Each iteration is ONE transaction of three ops:
@@ -229,7 +230,7 @@ def atomic_demo(
         }
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"schema version: {summary['schema_version']}   migrations applied now: "
         f"{summary['migrations_applied'] or 'none'}",

@@ -150,7 +150,7 @@ class PlacementState:
         reservations.release_node(self.token)
 
 
-def ray_options(placement: Placement, state: PlacementState, label: str, key: tuple = ()) -> dict[str, Any]:
+def ray_options(placement: Placement, state: PlacementState, label: str, key: tuple[Any, ...] = ()) -> dict[str, Any]:
     """Ray `remote` options that put a member where `placement` says.
 
     `key` identifies the database: nodes with the same key and placement share a group.

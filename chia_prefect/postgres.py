@@ -34,7 +34,6 @@ from chia_prefect._sql import (
 from chia_prefect._ui import optional_field
 from chia_prefect.base import LOGO_BASE_URL, DatabaseNode
 from chia_prefect.dialects import POSTGRES, Dialect
-from chia_prefect.limits import run_logger
 from chia_prefect.errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
@@ -43,9 +42,9 @@ from chia_prefect.errors import (
     InvalidOperationError,
     NodeConnectionError,
 )
+from chia_prefect.limits import run_logger
 from chia_prefect.members import read, write
 from chia_prefect.placement import Placement
-
 
 # Connecting again after the server turned the connection away: first pause, longest pause.
 _BACKOFF_FIRST_S = 0.05
@@ -205,7 +204,7 @@ class PostgresNode(DatabaseNode):
             settings.append(f"-c statement_timeout={opts.statement_timeout_ms}")
         if read_only:
             settings.append("-c default_transaction_read_only=on")
-        user_options = params.pop("options", None) or self.options
+        user_options = str(params.pop("options", None) or self.options or "")
         params["options"] = " ".join([user_options, *settings] if user_options else settings)
         params["connect_timeout"] = opts.connect_timeout_s
         if opts.application_name:
@@ -218,7 +217,9 @@ class PostgresNode(DatabaseNode):
         return f"{params.get('user') or ''}@{where}/{params.get('dbname') or ''}"
 
     @contextmanager
-    def connect(self, *, read_only: bool = False, connect_opts: dict | None = None) -> Iterator[Any]:
+    def connect(
+        self, *, read_only: bool = False, connect_opts: dict[str, Any] | BaseModel | None = None
+    ) -> Iterator[Any]:
         import psycopg
 
         opts = self.resolve_connect_opts(connect_opts)
@@ -282,7 +283,7 @@ class PostgresNode(DatabaseNode):
         return self.scrub(f"database {params.get('dbname') or '(default)'} at {host}:{port}")
 
     @contextmanager
-    def atomic(self, connect_opts: dict | BaseModel | None = None) -> Iterator[Any]:
+    def atomic(self, connect_opts: dict[str, Any] | BaseModel | None = None) -> Iterator[Any]:
         """One transaction; a connection lost before COMMIT was sent means nothing applied."""
         committing = False
         try:
@@ -297,7 +298,7 @@ class PostgresNode(DatabaseNode):
                 "or may not have been applied: check the data before running it again."
             ) from None
 
-    def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict | None) -> list[dict]:
+    def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict[str, Any] | None) -> list[dict[str, Any]]:
         check_single_params(params, "query")
         self._check_paramstyle(sql, params, "query")
         with self.connect(read_only=True, connect_opts=connect_opts) as conn:
@@ -310,13 +311,13 @@ class PostgresNode(DatabaseNode):
     def _check_paramstyle(self, sql: object, params: object, where: str) -> None:
         _check_paramstyle(sql, params, where)
 
-    def _run_one(self, cur: Any, sql: str, params: tuple | dict | None) -> ExecResult:
+    def _run_one(self, cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
         # prepare=True: extended protocol, so the server refuses a second statement.
         cur.execute(sql, params or None, prepare=True)
         rows = fetch_dicts(cur) if cur.description else None
         return ExecResult(rowcount=cur.rowcount, rows=rows)
 
-    def _run_script(self, script: str, connect_opts: dict | None) -> None:
+    def _run_script(self, script: str, connect_opts: dict[str, Any] | None) -> None:
         if not isinstance(script, str):
             raise TypeError(f"script must be a str, got {type(script).__name__}")
         with self.connect(connect_opts=connect_opts) as conn:
@@ -324,7 +325,7 @@ class PostgresNode(DatabaseNode):
             # implicit transaction unless the script says BEGIN/COMMIT itself.
             conn.execute(script)
 
-    def _query_tool_session(
+    def _query_tool_session(  # type: ignore[override]  # options checked against query_tool_options by the caller
         self, caps: Any, dsn: str | SecretStr | None = None, schemas: tuple[str, ...] = ("public",),
         allow_privileged_role: bool = False,
     ) -> Any:
@@ -348,7 +349,7 @@ class PostgresNode(DatabaseNode):
 
     @write
     def add_column_if_missing(
-        self, table: str, column: str, type_decl: str, *, connect_opts: dict | None = None
+        self, table: str, column: str, type_decl: str, *, connect_opts: dict[str, Any] | None = None
     ) -> bool:
         """Add `column` to `table` (`schema.table` allowed, default public); True iff added."""
         schema_name, table_name = _split_table(table)
@@ -372,7 +373,9 @@ class PostgresNode(DatabaseNode):
             return True
 
     @read
-    def schema(self, *, schemas: tuple[str, ...] = ("public",), connect_opts: dict | None = None) -> str:
+    def schema(  # type: ignore[override]  # pydantic's deprecated BaseModel.schema() classmethod
+        self, *, schemas: tuple[str, ...] = ("public",), connect_opts: dict[str, Any] | None = None
+    ) -> str:
         """Tables with their columns, then indexes, for the given schemas."""
         names = list(schemas)
         columns = self._fetch(
@@ -386,7 +389,7 @@ class PostgresNode(DatabaseNode):
 
     @write(batch=("rows",))
     def copy_rows(
-        self, table: str, columns: list[str] | tuple[str, ...], rows: list, *, connect_opts: dict | None = None
+        self, table: str, columns: list[str] | tuple[str, ...], rows: list[Any], *, connect_opts: dict[str, Any] | None = None
     ) -> ExecResult:
         """Bulk insert `rows` into `table (columns)` with `COPY ... FROM STDIN`, all or nothing.
 
@@ -431,7 +434,7 @@ def _check_paramstyle(sql: object, params: object, where: str) -> None:
     )
 
 
-def _stream_dicts(cur: Any, sql: str, params: Any, limit: int) -> list[dict]:
+def _stream_dicts(cur: Any, sql: str, params: Any, limit: int) -> list[dict[str, Any]]:
     """At most `limit` rows, fetched in chunks; the rest never leaves the server."""
     if limit == 0:
         cur.execute(sql, params, prepare=True)
@@ -463,7 +466,7 @@ def _split_table(table: object) -> tuple[str, str]:
     return validate_identifier(schema_name, "schema"), validate_identifier(table_name, "table")
 
 
-def _render_schema(columns: list[dict], indexes: list[dict]) -> str:
+def _render_schema(columns: list[dict[str, Any]], indexes: list[dict[str, Any]]) -> str:
     tables: dict[str, list[str]] = {}
     for col in columns:
         null = "" if col["is_nullable"] == "YES" else " NOT NULL"

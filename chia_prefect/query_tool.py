@@ -29,10 +29,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from chia_prefect._sql import SQLITE_AUTH, SQLITE_PERM, SQLITE_READONLY
 from chia_prefect.errors import SchedulingTimeoutError
 
 if TYPE_CHECKING:
     from chia_prefect.base import DatabaseNode
+    from chia_prefect.postgres import PostgresNode
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def _sqlite_authorizer(action: int, arg1: Any, arg2: Any, db_name: Any, source: 
 
 
 # The authorizer's denial, and a write on a read-only connection.
-_SQLITE_REFUSALS = frozenset({sqlite3.SQLITE_AUTH, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM})
+_SQLITE_REFUSALS = frozenset({SQLITE_AUTH, SQLITE_READONLY, SQLITE_PERM})
 # Authorizer action codes by name, for saying what was refused.
 _SQLITE_ACTIONS = {getattr(sqlite3, f"SQLITE_{name}"): name.replace("_", " ") for name in (
     "ALTER_TABLE", "ANALYZE", "ATTACH", "CREATE_INDEX", "CREATE_TABLE", "CREATE_TEMP_INDEX", "CREATE_TEMP_TABLE",
@@ -137,11 +139,11 @@ class SQLiteToolSession:
     def __init__(self, db_path: str, caps: Caps, busy_timeout_s: float = 5.0):
         self.db_path, self.caps, self.busy_timeout_s = db_path, caps, busy_timeout_s
 
-    def _connect(self, read_only: bool) -> tuple[sqlite3.Connection, dict]:
+    def _connect(self, read_only: bool) -> tuple[sqlite3.Connection, dict[str, Any]]:
         mode = "ro" if read_only else "rw"
         conn = sqlite3.connect(f"file:{quote(self.db_path)}?mode={mode}", uri=True,
                                timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
-        state = {"timed_out": False}
+        state: dict[str, Any] = {"timed_out": False}
         deadline = time.monotonic() + self.caps.time_limit_s
 
         def over_time() -> int:
@@ -205,7 +207,7 @@ class PostgresToolSession:
     checked once, when the tool starts (`check_role`).
     """
 
-    def __init__(self, node: DatabaseNode, caps: Caps, schemas: tuple[str, ...] = ("public",)):
+    def __init__(self, node: PostgresNode, caps: Caps, schemas: tuple[str, ...] = ("public",)):
         self.node, self.caps, self.schemas = node, caps, schemas
 
     def check_role(self, allow_privileged_role: bool = False) -> None:
@@ -251,7 +253,7 @@ class PostgresToolSession:
         first = next(iterator, None)
         pending = [] if first is None else [first]
 
-        def fetchmany(n: int) -> list:
+        def fetchmany(n: int) -> list[Any]:
             out = [pending.pop()] if pending else []
             for row in iterator:
                 out.append(row)
@@ -298,7 +300,7 @@ def build_server(session: Any, name: str, read_write: bool) -> Any:
 
     async def logged(tool: str, call: Any, *args: str) -> str:
         started = time.monotonic()
-        answer = await anyio.to_thread.run_sync(call, *args)
+        answer: str = await anyio.to_thread.run_sync(call, *args)
         log_call(name, tool, args[0] if args else None, answer, time.monotonic() - started)
         return answer
 
@@ -337,7 +339,8 @@ def log_call(name: str, tool: str, sql: str | None, answer: str, seconds: float)
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class HttpToolServer:
@@ -386,7 +389,7 @@ class BearerTokenMiddleware:
     def __init__(self, app: Any, token: str):
         self.app, self._expected = app, f"Bearer {token}".encode()
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             given = dict(scope.get("headers") or ()).get(b"authorization", b"")
             if not hmac.compare_digest(given, self._expected):
@@ -446,7 +449,7 @@ def spawn(node: DatabaseNode, session: Any, name: str, read_write: bool) -> Quer
         server = HttpToolServer(build_server(session, name, read_write), token)
         return QueryTool(name, server.start(), server.stop, token)
     options = {k: v for k, v in node._ray_options().items() if k in ("num_cpus", "resources", "scheduling_strategy")}
-    actor = ray.remote(_ToolActor).options(max_restarts=0, **options).remote(session, name, read_write, token)
+    actor: Any = ray.remote(_ToolActor).options(max_restarts=0, **options).remote(session, name, read_write, token)
     timeout = node.placement.schedule_timeout_s
     try:
         url = ray.get(actor.url.remote(), timeout=120 if timeout is None else timeout + 60)

@@ -37,7 +37,7 @@ _INFLIGHT_GRACE_S = 30.0
 class Reservation:
     """One placement group and who holds it."""
 
-    key: tuple
+    key: tuple[Any, ...]
     cluster: str
     group: Any
     name: str
@@ -49,7 +49,7 @@ class Reservation:
     last_holders: frozenset[str] = frozenset()
 
 
-_RESERVATIONS: dict[tuple, Reservation] = {}
+_RESERVATIONS: dict[tuple[Any, ...], Reservation] = {}
 # Reservations whose last hold went and whose group is being removed (by any thread).
 _REMOVING: list[Reservation] = []
 # Flow-run contexts that hold something, by id(context): the context is kept alive here
@@ -64,7 +64,7 @@ def new_token() -> str:
     return uuid.uuid4().hex
 
 
-def acquire(key: tuple, node_token: str, reserve: Callable[[str], tuple[Any, int]], label: str) -> Reservation:
+def acquire(key: tuple[Any, ...], node_token: str, reserve: Callable[[str], tuple[Any, int]], label: str) -> Reservation:
     """The shared reservation for `key`, reserved with `reserve(name)` if there is none.
 
     Takes a hold for (node, current flow run) or, outside a run, for the node alone.
@@ -117,7 +117,10 @@ def on_run_end(finalizer: Callable[[], None]) -> bool:
     if run is None:
         return False
     with _LOCK:
-        _RUN_FINALIZERS.setdefault(_watch(run), []).append(finalizer)
+        token = _watch(run)
+        if token is None:
+            return False
+        _RUN_FINALIZERS.setdefault(token, []).append(finalizer)
     return True
 
 

@@ -35,7 +35,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from prefect.context import (
     AssetContext,
@@ -144,13 +144,14 @@ def _ephemeral_api_url() -> str | None:
     for server in list(server_module.SubprocessASGIServer._instances.values()):
         process = getattr(server, "server_process", None)
         if getattr(server, "running", False) and process is not None and process.poll() is None:
-            return server.api_url
+            return str(server.api_url)
     return None
 
 
 def _settings_entry(ray: Any) -> _SettingsEntry:
     """The driver's serialised settings, once per settings object and Ray job."""
-    settings_ctx = SettingsContext.get()
+    # Prefect enters a root settings context on import: there is always one.
+    settings_ctx = cast(SettingsContext, SettingsContext.get())
     job = ray.get_runtime_context().get_job_id()
     cache_key = (id(settings_ctx), job)
     with _driver_lock:
@@ -201,14 +202,14 @@ def _remote(ray: Any) -> Any:
     return _remote_function
 
 
-class FastRayTaskRunner(RayTaskRunner):
+class FastRayTaskRunner(RayTaskRunner[Any]):
     """prefect-ray's `RayTaskRunner`, caching what does not change between tasks.
 
     Takes the same arguments (`address`, `init_kwargs`). Futures, states and Ray options
     (`prefect_ray.context.remote_options`) behave as with the stock runner.
     """
 
-    def submit(  # type: ignore[override]
+    def submit(  # type: ignore[override,unused-ignore]
         self,
         task: Any,
         parameters: dict[str, Any],

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from chia_prefect.errors import SchedulingTimeoutError
 
@@ -93,7 +93,7 @@ def driver_gate() -> Any:
 
     job_id = ray.get_runtime_context().get_job_id()
     with _gates_lock:
-        gate = _driver_gates.get(job_id)
+        gate: Any = _driver_gates.get(job_id)
         if gate is None:
             gate = ray.remote(Gate).options(
                 name=_gate_name(job_id), namespace=GATE_NAMESPACE, get_if_exists=True,
@@ -166,10 +166,10 @@ class Watch:
 
     def __init__(self, options: dict[str, Any], timeout_s: float | None, what: str):
         self.options, self.timeout_s, self.what = options, timeout_s, what
-        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self.warm_until = None if timeout_s is None else self.deadline + WORKER_START_S
+        self.deadline: float | None = None if timeout_s is None else time.monotonic() + timeout_s
+        self.warm_until: float | None = None if self.deadline is None else self.deadline + WORKER_START_S
         self.shape = shape_of(options)
-        self.gate = driver_gate() if timeout_s is not None else None
+        self.gate: Any = driver_gate() if timeout_s is not None else None
 
     def wait(self, object_ref: Any, task_run_id: Any, timeout: float | None) -> float | None:
         """Wait for `object_ref` up to `timeout` while it may be stuck in Ray's queue; raise
@@ -178,6 +178,8 @@ class Watch:
 
         end = None if timeout is None else time.monotonic() + timeout
         while self.deadline is not None:
+            # All set together when timeout_s is not None, and deadline only then.
+            timeout_s, warm_until = cast(float, self.timeout_s), cast(float, self.warm_until)
             until = self.deadline if end is None else min(end, self.deadline)
             ready, _ = ray.wait([object_ref], timeout=max(0.0, until - time.monotonic()), fetch_local=False)
             now = time.monotonic()
@@ -185,16 +187,16 @@ class Watch:
                 break  # done, or the caller's own timeout ran out first
             if now < self.deadline:
                 continue  # woke a little early
-            warming = now < self.warm_until and self.resources_ready()
-            verdict = ray.get(
-                self.gate.abandon.remote(str(task_run_id), self.shape, self.timeout_s, warming), timeout=60
+            warming = now < warm_until and self.resources_ready()
+            verdict: Any = ray.get(
+                self.gate.abandon.remote(str(task_run_id), self.shape, timeout_s, warming), timeout=60
             )
             if verdict == "started":
                 self.deadline = None
             elif warming:
-                self.deadline = min(self.warm_until, time.monotonic() + self.timeout_s)
+                self.deadline = min(warm_until, time.monotonic() + timeout_s)
             elif verdict == "moving":
-                self.deadline = time.monotonic() + self.timeout_s
+                self.deadline = time.monotonic() + timeout_s
             else:
                 ray.cancel(object_ref)
                 raise SchedulingTimeoutError(self.describe())
@@ -220,7 +222,7 @@ class Watch:
 def describe_unscheduled(what: str, options: dict[str, Any], timeout_s: float | None) -> str:
     """Why `what` (submitted with Ray `options`) was given up after `timeout_s`."""
     asked = {"CPU": options.get("num_cpus", 1), **(options.get("resources") or {})}
-    strategy = options.get("scheduling_strategy")
+    strategy: Any = options.get("scheduling_strategy")
     where = ""
     if getattr(strategy, "placement_group", None) is not None:
         where = f" in bundle {strategy.placement_group_bundle_index} of placement group " \

@@ -24,6 +24,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chia_prefect._sql import (
+    SQLITE_FULL,
     ExecResult,
     check_single_params,
     fetch_dicts,
@@ -167,7 +168,7 @@ class SQLiteNode(DatabaseNode):
     def label(self) -> str:
         return f"{super().label} ({self.db_path})"
 
-    def _reservation_key(self) -> tuple:
+    def _reservation_key(self) -> tuple[Any, ...]:
         return (self.engine, self.db_path)
 
     def _limit_identity(self) -> str:
@@ -176,13 +177,15 @@ class SQLiteNode(DatabaseNode):
     # --- connections --------------------------------------------------------------------
 
     @contextmanager
-    def connect(self, *, read_only: bool = False, connect_opts: dict | None = None) -> Iterator[sqlite3.Connection]:
+    def connect(
+        self, *, read_only: bool = False, connect_opts: dict[str, Any] | BaseModel | None = None
+    ) -> Iterator[sqlite3.Connection]:
         opts: SQLiteConnectOptions = self.resolve_connect_opts(connect_opts)
         conn = self._open(opts, read_only)
         try:
             yield conn
         except sqlite3.OperationalError as exc:
-            if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+            if getattr(exc, "sqlite_errorcode", None) != SQLITE_FULL:
                 raise
             raise StorageFullError(
                 f"{self.label}: {exc}; the transaction was rolled back and earlier data is intact. "
@@ -221,7 +224,7 @@ class SQLiteNode(DatabaseNode):
         return conn
 
     @contextmanager
-    def atomic(self, connect_opts: dict | BaseModel | None = None) -> Iterator[sqlite3.Cursor]:
+    def atomic(self, connect_opts: dict[str, Any] | BaseModel | None = None) -> Iterator[sqlite3.Cursor]:
         """One write transaction: the writer queue, BEGIN IMMEDIATE, COMMIT on success,
         ROLLBACK on error."""
         opts: SQLiteConnectOptions = self.resolve_connect_opts(connect_opts)
@@ -261,12 +264,12 @@ class SQLiteNode(DatabaseNode):
             if owned:
                 os.close(fd)  # releases the lock
 
-    def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict | None) -> list[dict]:
+    def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict[str, Any] | None) -> list[dict[str, Any]]:
         check_single_params(params, "query")
         with self.connect(read_only=True, connect_opts=connect_opts) as conn:
             return fetch_dicts(conn.execute(sql, params or ()), limit)
 
-    def _run_script(self, script: str, connect_opts: dict | None) -> None:
+    def _run_script(self, script: str, connect_opts: dict[str, Any] | None) -> None:
         if not isinstance(script, str):
             raise TypeError(f"script must be a str, got {type(script).__name__}")
         opts: SQLiteConnectOptions = self.resolve_connect_opts(connect_opts)
@@ -276,13 +279,13 @@ class SQLiteNode(DatabaseNode):
     def _ensure_database(self) -> None:
         Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
 
-    def _run_one(self, cur: sqlite3.Cursor, sql: str, params: tuple | dict | None) -> ExecResult:
+    def _run_one(self, cur: sqlite3.Cursor, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
         cur.execute(sql, params or ())
         rows = fetch_dicts(cur) if cur.description else None
         lastrowid = cur.lastrowid if _INSERT.match(sql) else None
         return ExecResult(rowcount=cur.rowcount, lastrowid=lastrowid, rows=rows)
 
-    def _query_tool_session(self, caps: Any) -> Any:
+    def _query_tool_session(self, caps: Any) -> Any:  # type: ignore[override]  # options checked by the caller
         """Reads open the file `mode=ro` under a read-only authorizer."""
         from chia_prefect.query_tool import SQLiteToolSession
 
@@ -292,7 +295,7 @@ class SQLiteNode(DatabaseNode):
 
     @write
     def add_column_if_missing(
-        self, table: str, column: str, type_decl: str, *, connect_opts: dict | None = None
+        self, table: str, column: str, type_decl: str, *, connect_opts: dict[str, Any] | None = None
     ) -> bool:
         """Add `column` to `table` unless present; True iff added."""
         validate_identifier(table, "table")
@@ -308,12 +311,12 @@ class SQLiteNode(DatabaseNode):
             return True
 
     @read
-    def exists(self, *, connect_opts: dict | None = None) -> bool:
+    def exists(self, *, connect_opts: dict[str, Any] | None = None) -> bool:
         """Whether the database file exists on the machine the members run on."""
         return os.path.exists(self.db_path)
 
     @read
-    def schema(self, *, connect_opts: dict | None = None) -> str:
+    def schema(self, *, connect_opts: dict[str, Any] | None = None) -> str:  # type: ignore[override]
         """The CREATE statements of every table, index, view and trigger."""
         rows = self._fetch(
             "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' "
@@ -338,8 +341,8 @@ class SQLiteNode(DatabaseNode):
 
     @write
     def wal_checkpoint(
-        self, mode: Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"] = "PASSIVE", *, connect_opts: dict | None = None
-    ) -> dict:
+        self, mode: Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"] = "PASSIVE", *, connect_opts: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """`PRAGMA wal_checkpoint(mode)`: returns busy, log and checkpointed frame counts."""
         if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
             raise ValueError(f"wal_checkpoint mode must be PASSIVE, FULL, RESTART or TRUNCATE, got {mode!r}")
@@ -349,7 +352,7 @@ class SQLiteNode(DatabaseNode):
 
 
     @read
-    def backup(self, directory: str, *, keep: int | None = 7, connect_opts: dict | None = None) -> str:
+    def backup(self, directory: str, *, keep: int | None = 7, connect_opts: dict[str, Any] | None = None) -> str:
         """Online backup into `directory`/<name>-<UTC time>.db; keep the newest `keep` backups.
 
         Uses SQLite's backup API in one step: a consistent snapshot while writers go on.

@@ -10,6 +10,7 @@ import os
 import sys
 
 from prefect import flow
+
 from chia_prefect import FastRayTaskRunner, SQLiteNode
 
 

@@ -7,7 +7,6 @@ node's `max_concurrency` is a Prefect global concurrency limit held across flow 
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
 import threading
 import time

@@ -4,11 +4,11 @@ worker, each deployment run, and the database checked afterwards."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import signal
-import os
 import socket
 import subprocess
 import sys

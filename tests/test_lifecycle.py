@@ -19,8 +19,8 @@ import ray
 from helpers import soak_count, wait_until
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect_ray import RayTaskRunner
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
@@ -286,7 +286,7 @@ def test_served_deployment_thirty_runs_no_growth(ray_cluster, tmp_path):
 
         wait_until(deployed, timeout=120, what="the served deployment")
         samples = []
-        for run in range(SERVED_RUNS):
+        for _ in range(SERVED_RUNS):
             flow_run = run_deployment(f"soak-visit/{deployment}", parameters={"names": names},
                                       timeout=180, poll_interval=0.5)
             assert flow_run.state.is_completed(), (flow_run.state, (tmp_path / "serve.log").read_text()[-3000:])

@@ -18,7 +18,6 @@ from chia_prefect import (
 )
 
 
-
 def make_table(db) -> None:
     db.init_schema(f"CREATE TABLE items (id {id_column(db)}, name TEXT UNIQUE, qty INTEGER)")
 

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -147,7 +146,7 @@ def drive(cluster, address: str, db_path: Path, with_token: bool, timeout: float
         env.pop("RAY_AUTH_MODE"), env.pop("RAY_AUTH_TOKEN")
     run = subprocess.run([sys.executable, "-c", DRIVER, address, str(db_path)], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=timeout)
-    line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((out for out in run.stdout.splitlines() if out.startswith("RESULT ")), None)
     assert line, f"no result\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
     result = json.loads(line[len("RESULT "):])
     result["stderr"] = run.stderr

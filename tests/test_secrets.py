@@ -6,10 +6,10 @@ import logging
 import traceback
 
 import pytest
+from helpers import wait_until
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
-from helpers import wait_until
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,

@@ -14,8 +14,8 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from test_query_tool import call, tool_names
 
-from chia_prefect import PostgresNode, PrivilegedRoleError
-from chia_prefect.query_tool import HttpToolServer, SQLiteToolSession, build_server, Caps
+from chia_prefect import PrivilegedRoleError
+from chia_prefect.query_tool import Caps, HttpToolServer, SQLiteToolSession, build_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
 

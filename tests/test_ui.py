@@ -17,10 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import wait_until
+from prefect.blocks.core import Block
 from test_deployments import BIN, ROOT, finished_run, free_port, stop, wait_healthy
 from test_deployments import api as deployments_api
-
-from prefect.blocks.core import Block
 
 from chia_prefect import ConfigurationError, SQLiteNode
 from chia_prefect.base import LOGO_BASE_URL, STATIC_DIR
