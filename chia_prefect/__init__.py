@@ -10,6 +10,7 @@
 from chia_prefect._sql import ExecResult
 from chia_prefect.base import DatabaseNode
 from chia_prefect.cluster import install_address_check
+from chia_prefect.engines import PostgresConnectOptions, SQLiteConnectOptions
 from chia_prefect.errors import (
     BlockNotFoundError,
     ChecksumMismatchError,
@@ -34,9 +35,9 @@ from chia_prefect.errors import (
 )
 from chia_prefect.members import MemberTask, read, write
 from chia_prefect.placement import Placement
-from chia_prefect.postgres import PostgresConnectOptions, PostgresNode
+from chia_prefect.postgres import PostgresNode
 from chia_prefect.runner import FastRayTaskRunner
-from chia_prefect.sqlite import SQLiteConnectOptions, SQLiteNode
+from chia_prefect.sqlite import SQLiteNode
 
 install_address_check()  # RayTaskRunner checks a cluster's address and token before ray.init
 

@@ -36,7 +36,7 @@ from chia_prefect._sql import (
     run_many,
     run_ops,
 )
-from chia_prefect.dialects import Dialect
+from chia_prefect.engines.dialect import Dialect
 from chia_prefect.errors import ConfigurationError
 from chia_prefect.members import Member, abstract_member, read, write
 from chia_prefect.placement import Placement, PlacementState, ray_options

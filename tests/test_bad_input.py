@@ -15,7 +15,7 @@ from chia_prefect import (
     NetworkFilesystemError,
     SQLiteNode,
 )
-from chia_prefect import sqlite as sqlite_module
+from chia_prefect.engines import sqlite as sqlite_module
 from chia_prefect.errors import InvalidIdentifierError, TransactionControlError
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

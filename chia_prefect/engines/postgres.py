@@ -1,0 +1,296 @@
+"""PostgreSQL as a driver: connecting (with the connect retry), one transaction, fetching,
+one statement, scripts, COPY.
+
+No Prefect and no Ray: `PostgresEngine` runs where it is called and is tested alone. psycopg
+3 is imported inside the methods that connect. Each call opens a fresh connection in
+autocommit mode; writes run in an explicit `conn.transaction()`, reads in a session with
+`default_transaction_read_only=on`. Single statements go through the extended protocol,
+where the server itself refuses a second statement smuggled after a `;`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from chia_prefect._sql import ExecResult, check_single_params, fetch_dicts
+from chia_prefect._ui import optional_field
+from chia_prefect.engines.dialect import POSTGRES
+from chia_prefect.errors import (
+    CommitOutcomeUnknownError,
+    ConnectionLostError,
+    InvalidOperationError,
+    NodeConnectionError,
+)
+
+# Connecting again after the server turned the connection away: first pause, longest pause.
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_MAX_S = 2.0
+# What libpq says when the server turns a connection away before any statement was sent,
+# and why (the connect-time errors carry no SQLSTATE in psycopg).
+_TURNED_AWAY = (
+    ("too many connections", "too many connections"),  # for a role or a database (53300)
+    ("too many clients already", "too many connections"),  # max_connections (53300)
+    ("remaining connection slots are reserved", "too many connections"),
+    ("the database system is starting up", "the server is starting up"),  # 57P03
+    ("not yet accepting connections", "the server is starting up"),
+    ("the database system is in recovery mode", "the server is starting up"),
+    ("the database system is shutting down", "the server is shutting down"),
+    ("terminating connection due to administrator command", "the server is shutting down"),
+    ("connection refused", "the connection was refused"),
+    ('" failed: no such file or directory', "the connection was refused"),  # no server on the socket
+)
+
+
+def _turned_away(text: str) -> str | None:
+    lowered = text.lower()
+    return next((why for needle, why in _TURNED_AWAY if needle in lowered), None)
+
+
+def _server_words(text: str) -> str:
+    """What the server said, from libpq's first line ('connection to server ... failed: X')."""
+    first = text.splitlines()[0] if text else ""
+    return " ".join(first.rsplit("failed: ", 1)[-1].split())
+
+
+class PostgresConnectOptions(BaseModel):
+    """How each PostgreSQL connection is opened."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Connection options")
+
+    connect_timeout_s: int = Field(
+        default=30, ge=1, title="Connect timeout (s)", description="How long to wait for the server.",
+    )
+    lock_timeout_ms: int = Field(
+        default=30000, ge=0, title="Lock timeout (ms)",
+        description="How long a statement waits for a lock before failing; 0 waits forever.",
+    )
+    statement_timeout_ms: int | None = optional_field(
+        ge=0, title="Statement timeout (ms)",
+        description="Cancel a statement running longer than this; empty for no limit.",
+    )
+    application_name: str | None = Field(
+        default="chia-prefect", title="Application name",
+        description="Shown in pg_stat_activity for this node's connections.",
+    )
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with the given secrets and anything shaped like a credential removed."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    text = re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
+    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+
+
+class PostgresEngine:
+    """One PostgreSQL database reached with libpq parameters `target` (host, port, dbname,
+    user, password, sslmode, options) and one set of connection options. `label` names it in
+    errors; `secrets` are scrubbed from every message; `log` receives one line per connect
+    retry."""
+
+    dialect = POSTGRES
+
+    def __init__(
+        self,
+        target: dict[str, Any],
+        options: PostgresConnectOptions | None = None,
+        label: str | None = None,
+        secrets: Iterable[str] = (),
+        log: Callable[[str], None] | None = None,
+    ):
+        self.target = dict(target)
+        self.options = options or PostgresConnectOptions()
+        self.secrets = [s for s in secrets if s]
+        if "password" in self.target and self.target["password"]:
+            self.secrets.append(str(self.target["password"]))
+        self.label = label or scrub(f"PostgreSQL database {self.target.get('dbname') or ''}", self.secrets)
+        self.log = log
+
+    def scrub(self, text: str) -> str:
+        return scrub(text, self.secrets)
+
+    def conninfo(self, read_only: bool = False) -> dict[str, Any]:
+        """libpq parameters: the target plus this engine's session settings."""
+        opts = self.options
+        params = dict(self.target)
+        settings = [f"-c lock_timeout={opts.lock_timeout_ms}"]
+        if opts.statement_timeout_ms is not None:
+            settings.append(f"-c statement_timeout={opts.statement_timeout_ms}")
+        if read_only:
+            settings.append("-c default_transaction_read_only=on")
+        user_options = str(params.pop("options", None) or "")
+        params["options"] = " ".join([user_options, *settings] if user_options else settings)
+        params["connect_timeout"] = opts.connect_timeout_s
+        if opts.application_name:
+            params["application_name"] = opts.application_name
+        return params
+
+    @contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[Any]:
+        """A fresh autocommit connection, closed on exit; a connection that breaks inside
+        raises `ConnectionLostError`."""
+        import psycopg
+
+        params = self.conninfo(read_only)
+        conn = self._open(params, self.options.connect_timeout_s)
+        try:
+            yield conn
+        except psycopg.OperationalError as exc:
+            if not conn.broken:
+                raise
+            lost = f"the connection to {self._where(params)} was lost ({self.scrub(str(exc)).strip()})"
+            raise ConnectionLostError(
+                f"{self.label}: {lost}; the server rolled back whatever this call had not "
+                "committed. The next call opens a new connection.",
+                detail=lost,
+            ) from None
+        finally:
+            conn.close()
+
+    def _open(self, params: dict[str, Any], timeout_s: float) -> Any:
+        """Connect; retried with jittered backoff until `timeout_s` runs out while the server
+        turns the connection away before any statement was sent (too many connections, starting
+        up or shutting down, refused), which is safe for any member, a write included."""
+        import psycopg
+
+        deadline = time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            left = deadline - time.monotonic()
+            try:
+                # libpq's own timeout is per attempt and at least 2 s.
+                return psycopg.connect(autocommit=True, **{**params, "connect_timeout": max(2, math.ceil(left))})
+            except psycopg.Error as exc:
+                # libpq messages can echo the conninfo; never let the password through.
+                text = self.scrub(str(exc)).strip()
+                reason = _turned_away(text)
+                pause = random.uniform(0.5, 1.0) * min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2 ** (attempt - 1))
+                left = deadline - time.monotonic()
+                if reason is None or left <= pause:
+                    tried = f" after {attempt} attempts in {timeout_s:g} s" if attempt > 1 else ""
+                    hint = ""
+                    if reason == "too many connections":
+                        hint = (" Cap the node's members with max_concurrency, or raise "
+                                "connect_opts.connect_timeout_s.")
+                    elif reason is not None:
+                        hint = " Raise connect_opts.connect_timeout_s to wait longer."
+                    raise NodeConnectionError(
+                        f"{self.label}: could not connect to {self._where(params)}{tried}: {text}{hint}"
+                    ) from None
+                (self.log or _no_log)(
+                    f"{self.label}: connecting to {self._where(params)} failed ({reason}: "
+                    f"{_server_words(text)}); retry {attempt} in {pause:.2f} s, "
+                    f"{left:.1f} s left of connect_timeout_s"
+                )
+                time.sleep(pause)
+
+    def _where(self, params: dict[str, Any]) -> str:
+        host = params.get("host") or "the default host"
+        port = params.get("port") or 5432
+        return self.scrub(f"database {params.get('dbname') or '(default)'} at {host}:{port}")
+
+    @contextmanager
+    def atomic(self) -> Iterator[Any]:
+        """One transaction; a connection lost before COMMIT was sent means nothing applied,
+        one lost while COMMIT was in flight raises `CommitOutcomeUnknownError`."""
+        committing = False
+        try:
+            with self.connect() as conn, conn.transaction():
+                yield conn.cursor()
+                committing = True  # leaving the block sends COMMIT
+        except ConnectionLostError as exc:
+            if not committing:
+                raise
+            raise CommitOutcomeUnknownError(
+                f"{self.label}: {exc.detail} while COMMIT was in flight, so the transaction may "
+                "or may not have been applied: check the data before running it again."
+            ) from None
+
+    def fetch(self, sql: str, params: Any, limit: int | None) -> list[dict[str, Any]]:
+        """Rows of one statement in a read-only session, as dicts; at most `limit` leave the server."""
+        check_single_params(params, "query")
+        check_paramstyle(sql, params, "query")
+        with self.connect(read_only=True) as conn:
+            cur = conn.cursor()
+            if limit is None:
+                cur.execute(sql, params or None, prepare=True)
+                return fetch_dicts(cur)
+            return _stream_dicts(cur, sql, params or None, limit)
+
+    @staticmethod
+    def run_one(cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
+        """One statement on `cur`: rowcount and the rows it returns (`RETURNING`)."""
+        # prepare=True: extended protocol, so the server refuses a second statement.
+        cur.execute(sql, params or None, prepare=True)
+        rows = fetch_dicts(cur) if cur.description else None
+        return ExecResult(rowcount=cur.rowcount, rows=rows)
+
+    def run_script(self, script: str) -> None:
+        """A parameterless multi-statement script as one implicit transaction (unless it
+        says BEGIN/COMMIT itself)."""
+        if not isinstance(script, str):
+            raise TypeError(f"script must be a str, got {type(script).__name__}")
+        with self.connect() as conn:
+            # No parameters: one simple-protocol message.
+            conn.execute(script)
+
+    def copy_rows(self, schema_name: str, table_name: str, columns: list[str], rows: Iterable[Any]) -> int:
+        """`COPY schema.table (columns) FROM STDIN` of `rows` in one transaction; how many.
+        Identifiers are quoted here; validate them before."""
+        from psycopg import sql as pgsql
+
+        statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
+            pgsql.Identifier(schema_name, table_name),
+            pgsql.SQL(", ").join(pgsql.Identifier(name) for name in columns))
+        count = 0
+        with self.atomic() as cur, cur.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+                count += 1
+        return count
+
+
+def _no_log(message: str) -> None:
+    pass
+
+
+_FORMAT_PLACEHOLDER = re.compile(r"%(\([^)]*\))?[sbt]")
+
+
+def check_paramstyle(sql: object, params: object, where: str) -> None:
+    """Refuse `?` placeholders before anything runs: psycopg takes `%s` (paramstyle format)
+    and would only say the counts differ."""
+    if not params or not isinstance(sql, str) or "?" not in sql or _FORMAT_PLACEHOLDER.search(sql):
+        return
+    raise InvalidOperationError(
+        f"{where}: the SQL has ? placeholders, but PostgreSQL takes %s (or %(name)s); write %s, or "
+        "write ? and pass the SQL through db.render(sql), which renders it for the node's "
+        "paramstyle. Nothing was executed."
+    )
+
+
+def _stream_dicts(cur: Any, sql: str, params: Any, limit: int) -> list[dict[str, Any]]:
+    """At most `limit` rows, fetched in chunks; the rest never leaves the server."""
+    if limit == 0:
+        cur.execute(sql, params, prepare=True)
+        return []
+    rows = []
+    stream = cur.stream(sql, params, size=min(limit, 1000))
+    for row in stream:
+        rows.append(row)
+        if len(rows) >= limit:
+            break
+    stream.close()  # cancels the rest of the result
+    names = [c.name for c in cur.description] if cur.description else []
+    return [dict(zip(names, row)) for row in rows]
+
+

@@ -1,0 +1,286 @@
+"""SQLite as a driver: connecting, one write transaction, fetching, scripts, backup.
+
+No Prefect and no Ray: `SQLiteEngine` runs where it is called and is tested alone. Every
+call opens a fresh connection: WAL journal, a busy timeout, `BEGIN IMMEDIATE` for writes
+after this machine's writer queue, `synchronous=NORMAL`, foreign keys on. Reads set
+`PRAGMA query_only=ON`, so an accidental write raises and changes nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from chia_prefect._sql import SQLITE_FULL, ExecResult, check_single_params, fetch_dicts
+from chia_prefect._ui import optional_field
+from chia_prefect.engines.dialect import SQLITE
+from chia_prefect.errors import (
+    DatabaseNotFoundError,
+    NetworkFilesystemError,
+    StorageFullError,
+    TransactionControlError,
+)
+
+_INSERT = re.compile(r"\s*(INSERT|REPLACE)\b", re.IGNORECASE)
+MOUNTS_FILE = "/proc/self/mounts"
+_NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre",
+     "gpfs", "fuse.sshfs", "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs", "fuse.gcsfuse"}
+)
+
+
+class SQLiteConnectOptions(BaseModel):
+    """How each SQLite connection is opened."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Connection options")
+
+    busy_timeout_s: float = Field(
+        default=30.0, ge=0, title="Busy timeout (s)",
+        description="How long a connection waits for a lock before failing.",
+    )
+    wal: bool = Field(
+        default=True, title="WAL journal",
+        description="Switch the file to write-ahead logging on write; off leaves its journal mode as is.",
+    )
+    synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = Field(
+        default="NORMAL", title="Synchronous", description="PRAGMA synchronous for every connection.",
+    )
+    foreign_keys: bool = Field(
+        default=True, title="Foreign keys", description="Enforce foreign key constraints.",
+    )
+    max_page_count: int | None = optional_field(
+        ge=1, title="Page limit",
+        description="Cap the file at this many pages (PRAGMA max_page_count); a write past it "
+        "fails with StorageFullError and is rolled back. Empty: SQLite's own limit.",
+    )
+    writer_queue: bool = Field(
+        default=True, title="Queue writers",
+        description="Writers on this machine take turns on a lock file beside the database "
+        "(DB_PATH-writers.lock) before BEGIN IMMEDIATE, waking as soon as the previous one "
+        "commits; SQLite's own busy wait polls with sleeps of up to 100 ms.",
+    )
+    allow_network_fs: bool = Field(
+        default=False, title="Allow a network filesystem",
+        description="Open a file on NFS/SMB anyway. WAL there can corrupt the database.",
+    )
+
+
+class SQLiteEngine:
+    """One SQLite file opened with one set of options. `label` names it in errors."""
+
+    dialect = SQLITE
+
+    def __init__(self, db_path: str, options: SQLiteConnectOptions | None = None, label: str | None = None):
+        self.db_path = db_path
+        self.options = options or SQLiteConnectOptions()
+        self.label = label or f"SQLite database {db_path}"
+
+    @contextmanager
+    def connect(self, *, read_only: bool = False) -> Iterator[sqlite3.Connection]:
+        """A fresh connection with the options applied, closed on exit; a full database or
+        disk raises `StorageFullError`."""
+        conn = self._open(read_only)
+        try:
+            yield conn
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) != SQLITE_FULL:
+                raise
+            raise StorageFullError(
+                f"{self.label}: {exc}; the transaction was rolled back and earlier data is intact. "
+                "Free disk space on the node's machine, or raise connect_opts max_page_count."
+            ) from None
+        finally:
+            conn.close()
+
+    def _open(self, read_only: bool) -> sqlite3.Connection:
+        opts = self.options
+        if not opts.allow_network_fs:
+            _refuse_network_fs(self.db_path, self.label)
+        if read_only and not os.path.exists(self.db_path):
+            raise DatabaseNotFoundError(
+                f"{self.label}: the database file does not exist on this machine; "
+                "create it with init_schema() (or check the placement)."
+            )
+        if not read_only and not os.path.isdir(os.path.dirname(self.db_path)):
+            raise DatabaseNotFoundError(
+                f"{self.label}: the directory of the database does not exist on this machine; "
+                "init_schema() creates it."
+            )
+        mode = "rw" if read_only else "rwc"
+        conn = sqlite3.connect(
+            f"file:{quote(self.db_path)}?mode={mode}", uri=True,
+            timeout=opts.busy_timeout_s, isolation_level=None, check_same_thread=False,
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(opts.busy_timeout_s * 1000)}")
+        if opts.wal and not read_only:
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {opts.synchronous}")
+        conn.execute(f"PRAGMA foreign_keys = {'ON' if opts.foreign_keys else 'OFF'}")
+        if opts.max_page_count is not None:
+            conn.execute(f"PRAGMA max_page_count = {int(opts.max_page_count)}")
+        if read_only:
+            conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    @contextmanager
+    def atomic(self) -> Iterator[sqlite3.Cursor]:
+        """One write transaction: the writer queue, BEGIN IMMEDIATE, COMMIT on success,
+        ROLLBACK on error."""
+        with self.connect() as conn, self._writer_turn():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn.cursor()
+                if not conn.in_transaction:
+                    raise TransactionControlError(f"{self.label}: a statement ended the transaction early.")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _writer_turn(self) -> Iterator[None]:
+        """Wait for this machine's other writers of the file, in the kernel, not in sleeps.
+
+        Entered with the connection open: `_open` has refused a network filesystem and a
+        missing directory, so the lock file lands beside a database that can be written.
+        """
+        if not self.options.writer_queue:
+            yield
+            return
+        fd = os.open(f"{self.db_path}-writers.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        owned = True
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # Past the timeout the waiter thread owns the descriptor; BEGIN IMMEDIATE and
+                # the busy timeout then decide, as without the queue.
+                owned = _wait_for_flock(fd, self.options.busy_timeout_s)
+            yield
+        finally:
+            if owned:
+                os.close(fd)  # releases the lock
+
+    def fetch(self, sql: str, params: Any, limit: int | None) -> list[dict[str, Any]]:
+        """Rows of one statement on a read-only connection, as dicts, at most `limit`."""
+        check_single_params(params, "query")
+        with self.connect(read_only=True) as conn:
+            return fetch_dicts(conn.execute(sql, params or ()), limit)
+
+    def run_script(self, script: str) -> None:
+        """A parameterless multi-statement script, after the writer queue; it may BEGIN/COMMIT."""
+        if not isinstance(script, str):
+            raise TypeError(f"script must be a str, got {type(script).__name__}")
+        with self.connect() as conn, self._writer_turn():
+            conn.executescript(script)
+
+    def ensure_database(self) -> None:
+        """Create the file's directories (the file itself comes with the first write)."""
+        Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def run_one(cur: sqlite3.Cursor, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
+        """One statement on `cur`: rowcount, lastrowid of an INSERT, rows it returns."""
+        cur.execute(sql, params or ())
+        rows = fetch_dicts(cur) if cur.description else None
+        lastrowid = cur.lastrowid if _INSERT.match(sql) else None
+        return ExecResult(rowcount=cur.rowcount, lastrowid=lastrowid, rows=rows)
+
+    def checkpoint(self, mode: Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"] = "PASSIVE") -> dict[str, Any]:
+        """`PRAGMA wal_checkpoint(mode)`: busy, log and checkpointed frame counts."""
+        if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise ValueError(f"wal_checkpoint mode must be PASSIVE, FULL, RESTART or TRUNCATE, got {mode!r}")
+        with self.connect() as conn:
+            busy, log, checkpointed = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        return {"busy": busy, "log": log, "checkpointed": checkpointed}
+
+    def backup(self, directory: str, *, keep: int | None = 7) -> str:
+        """Online backup into `directory`/<name>-<UTC time>.db; keep the newest `keep` backups.
+
+        Uses SQLite's backup API in one step: a consistent snapshot while writers go on.
+        The copy is written under a temporary name and renamed, so a listed backup is whole.
+        """
+        if not os.path.isabs(directory):
+            raise ValueError(f"backup directory {directory!r} must be absolute (it is on the node's machine)")
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be at least 1 or None, got {keep}")
+        os.makedirs(directory, exist_ok=True)
+        stem = Path(self.db_path).stem
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        final = os.path.join(directory, f"{stem}-{stamp}.db")
+        partial = final + ".partial"
+        with self.connect(read_only=True) as source:
+            target = sqlite3.connect(partial)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+        os.replace(partial, final)
+        if keep is not None:
+            for old in sorted(Path(directory).glob(f"{stem}-*.db"))[:-keep]:
+                old.unlink()
+        return final
+
+
+def _wait_for_flock(fd: int, timeout: float) -> bool:
+    """Block on an exclusive flock for at most `timeout`; False hands `fd` to the waiter."""
+    acquired, abandoned = threading.Event(), threading.Event()
+    guard = threading.Lock()
+
+    def wait() -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with guard:
+            if abandoned.is_set():
+                os.close(fd)
+            else:
+                acquired.set()
+
+    threading.Thread(target=wait, name="sqlite-writer-queue", daemon=True).start()
+    if acquired.wait(timeout):
+        return True
+    with guard:
+        if acquired.is_set():
+            return True
+        abandoned.set()
+    return False
+
+
+def _refuse_network_fs(db_path: str, label: str) -> None:
+    fstype = _filesystem_type(os.path.dirname(db_path), MOUNTS_FILE)
+    if fstype in _NETWORK_FILESYSTEMS:
+        raise NetworkFilesystemError(
+            f"{label}: the database lies on a {fstype} filesystem. SQLite's WAL needs one "
+            "machine's shared memory and can corrupt the file there. Move it to a local disk, "
+            "or pass connect_opts={'allow_network_fs': True, 'wal': False} at your own risk."
+        )
+
+
+@lru_cache(maxsize=256)
+def _filesystem_type(directory: str, mounts_file: str = MOUNTS_FILE) -> str | None:
+    """The type of the filesystem mounted at the longest prefix of `directory` (Linux)."""
+    try:
+        with open(mounts_file, encoding="utf-8") as mounts:
+            entries = [line.split()[1:3] for line in mounts if len(line.split()) >= 3]
+    except OSError:
+        return None
+    path = os.path.realpath(directory) if os.path.exists(directory) else directory
+    best, fstype = "", None
+    for mount_point, kind in entries:
+        mount_point = mount_point.replace("\\040", " ")
+        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) > len(best):
+            best, fstype = mount_point, kind
+    return fstype

@@ -1,0 +1,109 @@
+"""The engine layer alone: SQLiteEngine and PostgresEngine against a real file and a real
+server, called directly, with no Prefect task, flow or Ray in between."""
+
+from __future__ import annotations
+
+import ast
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from chia_prefect import ConnectionLostError, DatabaseNotFoundError, NodeConnectionError, TransactionControlError
+from chia_prefect.engines import (
+    POSTGRES,
+    SQLITE,
+    PostgresConnectOptions,
+    PostgresEngine,
+    SQLiteConnectOptions,
+    SQLiteEngine,
+)
+
+PACKAGE = Path(__file__).resolve().parent.parent / "chia_prefect"
+# What the engine layer may import of the package: the layer below it.
+BELOW = {"chia_prefect._sql", "chia_prefect._ui", "chia_prefect.errors"}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("module", ["engines/__init__.py", "engines/dialect.py", "engines/sqlite.py",
+                                    "engines/postgres.py", "_sql.py", "errors.py", "_ui.py"])
+def test_the_engine_layer_imports_no_prefect_no_ray_and_nothing_above_it(module):
+    names = _imports(PACKAGE / module)
+    assert not {n for n in names if n.split(".")[0] in ("prefect", "prefect_ray", "ray")}
+    ours = {n for n in names if n.startswith("chia_prefect")}
+    assert ours <= BELOW | {n for n in ours if n.startswith("chia_prefect.engines")}, ours
+
+
+def test_sqlite_engine_connects_writes_reads_and_backs_up(tmp_path):
+    engine = SQLiteEngine(str(tmp_path / "sub" / "e.db"), SQLiteConnectOptions(busy_timeout_s=2), "engine e")
+    assert engine.dialect is SQLITE and engine.label == "engine e"
+    with pytest.raises(DatabaseNotFoundError, match="engine e: the directory"):
+        engine.run_script("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    engine.ensure_database()
+    engine.run_script("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT); CREATE INDEX t_v ON t (v);")
+    with engine.atomic() as cur:
+        first = engine.run_one(cur, "INSERT INTO t (v) VALUES (?)", ("a",))
+        engine.run_one(cur, "INSERT INTO t (v) VALUES (?)", ("b",))
+    assert (first.rowcount, first.lastrowid) == (1, 1)
+    with pytest.raises(sqlite3.IntegrityError), engine.atomic() as cur:
+        engine.run_one(cur, "INSERT INTO t (v) VALUES (?)", ("c",))
+        engine.run_one(cur, "INSERT INTO t (id, v) VALUES (?, ?)", (1, "dup"))
+    assert engine.fetch("SELECT v FROM t ORDER BY id", (), None) == [{"v": "a"}, {"v": "b"}]  # c rolled back
+    assert engine.fetch("SELECT v FROM t ORDER BY id", (), 1) == [{"v": "a"}]
+    with pytest.raises(TransactionControlError), engine.atomic() as cur:
+        cur.execute("COMMIT")
+    with engine.connect(read_only=True) as conn, pytest.raises(sqlite3.OperationalError, match="readonly"):
+        conn.execute("DELETE FROM t")
+    assert set(engine.checkpoint("TRUNCATE")) == {"busy", "log", "checkpointed"}
+    backups = [engine.backup(str(tmp_path / "backups"), keep=2) for _ in range(3)]
+    assert sorted(p.name for p in (tmp_path / "backups").glob("*.db")) == sorted(Path(b).name for b in backups[1:])
+    copy = SQLiteEngine(backups[-1])
+    assert copy.fetch("SELECT COUNT(*) AS n FROM t", (), None) == [{"n": 2}]
+
+
+@pytest.mark.postgres
+def test_postgres_engine_connects_writes_reads_and_copies(postgres_dsn):
+    from psycopg.conninfo import conninfo_to_dict
+
+    target = conninfo_to_dict(postgres_dsn)
+    engine = PostgresEngine(target, PostgresConnectOptions(connect_timeout_s=5), "engine p")
+    assert engine.dialect is POSTGRES
+    engine.run_script("CREATE TABLE t (id SERIAL PRIMARY KEY, v TEXT UNIQUE); CREATE TABLE u (a INT, b TEXT);")
+    with engine.atomic() as cur:
+        inserted = engine.run_one(cur, "INSERT INTO t (v) VALUES (%s) RETURNING id", ("a",))
+    assert inserted.rows == [{"id": 1}]
+    with pytest.raises(Exception, match="unique"), engine.atomic() as cur:
+        engine.run_one(cur, "INSERT INTO t (v) VALUES (%s)", ("b",))
+        engine.run_one(cur, "INSERT INTO t (v) VALUES (%s)", ("a",))
+    assert engine.fetch("SELECT v FROM t ORDER BY id", None, None) == [{"v": "a"}]  # b rolled back
+    assert engine.copy_rows("public", "u", ["a", "b"], [(i, f"r{i}") for i in range(500)]) == 500
+    assert engine.fetch("SELECT a FROM u ORDER BY a", None, 3) == [{"a": 0}, {"a": 1}, {"a": 2}]
+    with engine.connect(read_only=True) as conn, pytest.raises(Exception, match="read-only"):
+        conn.execute("DELETE FROM u")
+
+
+@pytest.mark.postgres
+def test_postgres_engine_loses_a_terminated_connection_and_retries_a_refused_one(postgres_dsn):
+    from psycopg.conninfo import conninfo_to_dict
+
+    target = conninfo_to_dict(postgres_dsn)
+    engine = PostgresEngine(target, label="engine p")
+    with pytest.raises(ConnectionLostError, match="engine p: the connection to database"), engine.atomic() as cur:
+        cur.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+    lines: list[str] = []
+    refused = {**target, "host": "127.0.0.1", "port": 1, "password": "s3cret-pass"}
+    gone = PostgresEngine(refused, PostgresConnectOptions(connect_timeout_s=2), "engine q", log=lines.append)
+    with pytest.raises(NodeConnectionError) as info, gone.connect():
+        pass
+    assert "engine q: could not connect" in str(info.value) and "attempts" in str(info.value)
+    assert lines and all("the connection was refused" in line for line in lines)
+    assert not any("s3cret-pass" in text for text in [str(info.value), *lines])
