@@ -34,7 +34,7 @@ from chia_prefect.errors import (
     TransactionControlError,
 )
 from chia_prefect.members import MemberTask, read, write
-from chia_prefect.placement import Placement
+from chia_prefect.members.placement import Placement
 from chia_prefect.postgres import PostgresNode
 from chia_prefect.runner import FastRayTaskRunner
 from chia_prefect.sqlite import SQLiteNode

@@ -13,6 +13,8 @@ SQL text stays dialect-specific: SQLite is `qmark` (`?`, `:name`), Postgres `for
 
 from __future__ import annotations
 
+import hashlib
+import re
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -22,7 +24,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, PrivateAttr, SecretStr, ValidationError
 
-from chia_prefect import reservations
 from chia_prefect._sql import (
     ExecResult,
     check_limit,
@@ -38,8 +39,8 @@ from chia_prefect._sql import (
 )
 from chia_prefect.engines.dialect import Dialect
 from chia_prefect.errors import ConfigurationError
-from chia_prefect.members import Member, abstract_member, read, write
-from chia_prefect.placement import Placement, PlacementState, ray_options
+from chia_prefect.members import Member, abstract_member, read, reservations, write
+from chia_prefect.members.placement import Placement, PlacementState, ray_options
 
 # The catalog logos ship in the package (chia_prefect/static) and are served from the repository.
 LOGO_BASE_URL = "https://raw.githubusercontent.com/chia-prefect/chia-prefect/main/chia_prefect/static"
@@ -293,24 +294,43 @@ class DatabaseNode(Block, ABC):
         """Run members in a bundle of a placement group created elsewhere (not released by close)."""
         self._placement_state.use(placement_group, bundle_index)
 
-    def _ray_options(self) -> dict[str, Any]:
+    # --- what the member machinery reads (chia_prefect.members.MemberHost) --------------
+
+    def member_ray_options(self) -> dict[str, Any]:
+        """Ray options for a member of this node (reserving its placement group on first use)."""
         return ray_options(self.placement, self._placement_state, self.label, self._reservation_key())
+
+    @property
+    def placement_token(self) -> str:
+        """Names this node's holds on reservations (placement groups) in this process."""
+        return self._placement_state.token
+
+    @property
+    def bound_members(self) -> dict[str, Any]:
+        """The node's members bound as tasks, by name (built once per node)."""
+        return self._member_tasks
 
     def _reservation_key(self) -> tuple[Any, ...]:
         """What identifies the database: nodes with the same key and placement share one
         placement group. Engines narrow it (SQLite: the file)."""
         return (self.engine, self.label)
 
-    def _limit_identity(self) -> str:
+    def limit_identity(self) -> str:
         """What names an unsaved node's concurrency limit: its database, never a secret."""
         return self.label
 
     @property
     def concurrency_limit_name(self) -> str:
         """The Prefect global concurrency limit that keeps `max_concurrency`."""
-        from chia_prefect.limits import limit_name
-
-        return limit_name(self)
+        saved = self._block_document_name
+        if saved:
+            name = f"chia-prefect {self.get_block_type_slug()} {saved}"
+        else:
+            identity = self.limit_identity()
+            digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
+            tail = identity.rstrip("/").rsplit("/", 1)[-1]
+            name = f"chia-prefect {self.engine} {tail[-40:] or identity[:40]} {digest}"
+        return re.sub(r"[/%&<>]", "_", name)  # characters Prefect refuses in names
 
     @property
     def reserved_placement_group(self) -> Any:

@@ -23,9 +23,9 @@ from chia_prefect.base import LOGO_BASE_URL, DatabaseNode
 from chia_prefect.engines.dialect import POSTGRES, Dialect
 from chia_prefect.engines.postgres import PostgresConnectOptions, PostgresEngine, check_paramstyle, scrub
 from chia_prefect.errors import ConfigurationError, InvalidIdentifierError, InvalidOperationError
-from chia_prefect.limits import run_logger
 from chia_prefect.members import read, write
-from chia_prefect.placement import Placement
+from chia_prefect.members.limits import run_logger
+from chia_prefect.members.placement import Placement
 
 
 class PostgresNode(DatabaseNode):
@@ -133,7 +133,7 @@ class PostgresNode(DatabaseNode):
         return PostgresEngine(self._target(), self.resolve_connect_opts(connect_opts), self.label,
                               self._secrets(), log=lambda line: run_logger().info(line))
 
-    def _limit_identity(self) -> str:
+    def limit_identity(self) -> str:
         params = self._target()
         where = f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
         return f"{params.get('user') or ''}@{where}/{params.get('dbname') or ''}"

@@ -448,14 +448,14 @@ def spawn(node: DatabaseNode, session: Any, name: str, read_write: bool) -> Quer
     if not ray.is_initialized():  # in this process, on loopback only
         server = HttpToolServer(build_server(session, name, read_write), token)
         return QueryTool(name, server.start(), server.stop, token)
-    options = {k: v for k, v in node._ray_options().items() if k in ("num_cpus", "resources", "scheduling_strategy")}
+    options = {k: v for k, v in node.member_ray_options().items() if k in ("num_cpus", "resources", "scheduling_strategy")}
     actor: Any = ray.remote(_ToolActor).options(max_restarts=0, **options).remote(session, name, read_write, token)
     timeout = node.placement.schedule_timeout_s
     try:
         url = ray.get(actor.url.remote(), timeout=120 if timeout is None else timeout + 60)
     except ray.exceptions.GetTimeoutError:
         ray.kill(actor)
-        from chia_prefect.scheduling import describe_unscheduled
+        from chia_prefect.members.scheduling import describe_unscheduled
 
         # No gate needed to say why: an actor is not a member.
         raise SchedulingTimeoutError(

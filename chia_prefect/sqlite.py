@@ -22,7 +22,7 @@ from chia_prefect.engines.dialect import SQLITE, Dialect
 from chia_prefect.engines.sqlite import SQLiteConnectOptions, SQLiteEngine
 from chia_prefect.errors import IntegrityCheckError
 from chia_prefect.members import read, write
-from chia_prefect.placement import Placement
+from chia_prefect.members.placement import Placement
 
 
 class SQLiteNode(DatabaseNode):
@@ -108,7 +108,7 @@ class SQLiteNode(DatabaseNode):
     def _reservation_key(self) -> tuple[Any, ...]:
         return (self.engine, self.db_path)
 
-    def _limit_identity(self) -> str:
+    def limit_identity(self) -> str:
         return self.db_path
 
     # --- the engine -------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_unreservable_placement_group_fails_naming_the_holder(every_cpu_held, sq
     db = SQLiteNode(db_path=sqlite_path, placement=Placement(pg_ready_timeout_s=2))
     started = time.monotonic()
     with pytest.raises(SchedulingTimeoutError) as raised:
-        db._ray_options()
+        db.member_ray_options()
     assert time.monotonic() - started < 20
     message = str(raised.value)
     assert "not ready within 2.0 s" in message and "'nightly-etl-hog' {CPU: 2}" in message

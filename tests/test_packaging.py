@@ -82,3 +82,14 @@ def test_engine_blind_code_asks_the_dialect_not_the_engine_name():
                 for number, line in enumerate(path.read_text().splitlines(), 1)
                 if re.search(r"\bengine\s*(==|!=|\bin\b)", line) and not line.lstrip().startswith(("#", '"'))]
     assert branches == []
+
+
+def test_the_member_machinery_reads_nodes_only_through_their_public_interface():
+    """members/ sees a node as a MemberHost: no `node._private` anywhere in the package."""
+    import re
+
+    package = Path(__file__).resolve().parent.parent / "chia_prefect" / "members"
+    private = [f"{path.name}:{number}: {line.strip()}" for path in sorted(package.glob("*.py"))
+               for number, line in enumerate(path.read_text().splitlines(), 1)
+               if re.search(r"\bnode\._[a-z]", line)]
+    assert private == []

@@ -92,7 +92,7 @@ def test_close_releases_at_once_inside_a_run(sqlite_path):
 
 def test_reserved_outside_a_run_until_close(sqlite_path):
     db = ProbeSQLiteNode(db_path=sqlite_path)
-    db._ray_options()  # placed use outside a flow run (as a query tool's spawn does)
+    db.member_ray_options()  # placed use outside a flow run (as a query tool's spawn does)
     group = db.reserved_placement_group
     assert placement_group_table(group)["state"] == "CREATED"
     db.close()
@@ -136,11 +136,11 @@ def _linger(seconds: float) -> None:
 @flow(task_runner=RayTaskRunner())
 def leave_a_member_running(db: ProbeSQLiteNode) -> str:
     """Reserve the group in this run, and leave a member running in it as the run ends."""
-    from chia_prefect import reservations
+    from chia_prefect.members import reservations
 
     db.where()
     group = db.reserved_placement_group
-    reservations.track_node(db._placement_state.token, _linger.options(**db._ray_options()).remote(3))
+    reservations.track_node(db.placement_token, _linger.options(**db.member_ray_options()).remote(3))
     return group.id.hex()
 
 
@@ -171,7 +171,7 @@ def test_postgres_default_is_unplaced(postgres_dsn):
     from nodes import ProbePostgresNode
 
     db = ProbePostgresNode(dsn=postgres_dsn)
-    assert db.placement.mode == "none" and "scheduling_strategy" not in db._ray_options()
+    assert db.placement.mode == "none" and "scheduling_strategy" not in db.member_ray_options()
 
 
 @pytest.mark.parametrize(
@@ -193,12 +193,12 @@ def test_handed_in_group_conflicts_with_node_pin(ray_cluster, sqlite_path):
     db = ProbeSQLiteNode(db_path=sqlite_path, placement=Placement(node_id=ray_cluster["head"]))
     db.use_placement_group(object())
     with pytest.raises(PlacementError, match="one or the other"):
-        db._ray_options()
+        db.member_ray_options()
 
 
 def test_unsatisfiable_bundle_times_out_clearly(sqlite_path):
     placement = Placement(reserve_bundle={"CPU": 64}, pg_ready_timeout_s=1)
     db = ProbeSQLiteNode(db_path=sqlite_path, placement=placement)
     with pytest.raises(PlacementError, match="not ready within 1.0 s"):
-        db._ray_options()
+        db.member_ray_options()
     assert db.reserved_placement_group is None

@@ -35,13 +35,13 @@ from prefect.futures import PrefectFuture, PrefectFutureList
 from prefect.utilities.annotations import unmapped
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 
-from chia_prefect import reservations
 from chia_prefect.errors import SchedulingTimeoutError
-from chia_prefect.limits import ensure_limit, member_slot
-from chia_prefect.scheduling import Watch, announce_start
+from chia_prefect.members import reservations
+from chia_prefect.members.limits import ensure_limit, member_slot
+from chia_prefect.members.scheduling import Watch, announce_start
 
 if TYPE_CHECKING:
-    from chia_prefect.base import DatabaseNode
+    from chia_prefect.members.host import MemberHost
 
 Kind = Literal["read", "write"]
 P = ParamSpec("P")
@@ -119,14 +119,14 @@ class Member(Generic[P, R]):
     def __get__(self, node: None, owner: type | None = None) -> Member[P, R]: ...
 
     @overload
-    def __get__(self, node: DatabaseNode, owner: type | None = None) -> MemberTask[P, R]: ...
+    def __get__(self, node: MemberHost, owner: type | None = None) -> MemberTask[P, R]: ...
 
-    def __get__(self, node: DatabaseNode | None, owner: type | None = None) -> Any:
+    def __get__(self, node: MemberHost | None, owner: type | None = None) -> Any:
         if node is None:
             return self
         # Building a Prefect task costs ~0.3 ms (it reads the function's source): once per
         # node. A copy of the node (model_copy) shares the dict but not the binding.
-        cache = node._member_tasks
+        cache = node.bound_members
         task = cache.get(self.name)
         if task is None or task._node is not node or task._member is not self:
             task = cache[self.name] = MemberTask.bind(node, self)
@@ -272,7 +272,7 @@ def _member_future(future: Any, task: MemberTask[Any, Any], watch: Watch | None)
     if watch is not None:
         # One watch per future: each keeps its own deadline.
         wrapped._watch = Watch(watch.options, watch.timeout_s, watch.what)
-        reservations.track_node(task._node._placement_state.token, future.wrapped_future)
+        reservations.track_node(task._node.placement_token, future.wrapped_future)
     return wrapped
 
 
@@ -291,12 +291,12 @@ class MemberTask(Task[P, R]):
     returns `R`, `.submit` a `PrefectFuture[R]`, `.map` a `PrefectFutureList[R]`.
     """
 
-    _node: DatabaseNode
+    _node: MemberHost
     # `_member` is set in _attach: declared in the class body, a type checker would read
     # the Member (a descriptor) as bound to this task.
 
     @classmethod
-    def bind(cls, node: DatabaseNode, member: Member[P, R]) -> MemberTask[P, R]:
+    def bind(cls, node: MemberHost, member: Member[P, R]) -> MemberTask[P, R]:
         task = cls(
             fn=member.runner,
             name=f"{node.engine}.{member.name}",
@@ -307,14 +307,14 @@ class MemberTask(Task[P, R]):
         task._attach(node, member)
         return task
 
-    def _attach(self, node: DatabaseNode, member: Member[P, R]) -> None:
+    def _attach(self, node: MemberHost, member: Member[P, R]) -> None:
         self._node = node
         self._member: Member[P, R] = member
         # Task keys default to the wrapper's name and code, the same for every member.
         self.task_key = f"{node.engine}.{member.name}"
 
     @property
-    def node(self) -> DatabaseNode:
+    def node(self) -> MemberHost:
         return self._node
 
     @property
@@ -384,7 +384,7 @@ class MemberTask(Task[P, R]):
             return
         from prefect_ray.context import remote_options
 
-        options = self._node._ray_options()
+        options = self._node.member_ray_options()
         if self._node.max_concurrency:
             # Created here, once, rather than raced for by the first members on their workers.
             ensure_limit(self._node.concurrency_limit_name, self._node.max_concurrency)

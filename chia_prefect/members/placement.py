@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from chia_prefect import reservations
 from chia_prefect._ui import optional_field
 from chia_prefect.errors import PlacementError, SchedulingTimeoutError
+from chia_prefect.members import reservations
 
 
 class Placement(BaseModel):
@@ -200,7 +200,7 @@ def _reserve(placement: Placement, label: str, name: str) -> tuple[Any, int]:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from chia_prefect.scheduling import cluster_report
+    from chia_prefect.members.scheduling import cluster_report
 
     bundle = placement.reserve_bundle or {"CPU": max(0.5, placement.num_cpus)}
     bundles = [dict(bundle) for _ in range(placement.bundle_index + 1)]

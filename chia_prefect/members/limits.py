@@ -14,10 +14,8 @@ A member that finds every slot taken logs that it waits, and its task run shows 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from chia_prefect.base import DatabaseNode
+    from chia_prefect.members.host import MemberHost
 
 # How long a slot is leased; the holder renews it while the member runs.
 LEASE_S = 60.0
@@ -35,23 +33,6 @@ _POLL_MAX_S = 1.0
 _ensured: dict[str, int] = {}
 _ensured_lock = threading.Lock()
 _log = logging.getLogger("chia_prefect")
-
-
-def limit_name(node: DatabaseNode) -> str:
-    """The Prefect concurrency limit of `node`: its block name when saved, else the database."""
-    saved = getattr(node, "_block_document_name", None)
-    if saved:
-        name = f"chia-prefect {node.get_block_type_slug()} {saved}"
-    else:
-        identity = node._limit_identity()
-        digest = hashlib.sha1(identity.encode()).hexdigest()[:8]
-        name = f"chia-prefect {node.engine} {_short(identity)} {digest}"
-    return re.sub(r"[/%&<>]", "_", name)  # characters Prefect refuses in names
-
-
-def _short(identity: str) -> str:
-    tail = identity.rstrip("/").rsplit("/", 1)[-1]
-    return tail[-40:] or identity[:40]
 
 
 def ensure_limit(name: str, limit: int, refresh: bool = False) -> None:
@@ -82,7 +63,7 @@ def ensure_limit(name: str, limit: int, refresh: bool = False) -> None:
 
 
 @contextmanager
-def member_slot(node: DatabaseNode | None, member: str) -> Iterator[None]:
+def member_slot(node: MemberHost | None, member: str) -> Iterator[None]:
     """Hold one slot of `node`'s limit around a member (nothing when it has no cap)."""
     cap = getattr(node, "max_concurrency", None)
     if not cap or node is None:
@@ -92,7 +73,7 @@ def member_slot(node: DatabaseNode | None, member: str) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
 
     what = f"{node.engine}.{member}"
-    name = limit_name(node)
+    name = node.concurrency_limit_name
     ensure_limit(name, cap)
     slot, waited, pause = ExitStack(), False, _POLL_FIRST_S
     while True:

@@ -1,0 +1,31 @@
+"""The member machinery: node operations declared once as `@read` or `@write` and bound as
+Prefect tasks, placed on Ray, kept within a node's concurrency cap, and bounded in Ray's queue.
+
+- `binding`: `Member[P, R]`, `MemberTask[P, R]`, `read`, `write`, batch transport, crash
+  reporting.
+- `placement`: where a node's members run (placement groups, node pins).
+- `reservations`: who holds a placement group, and its release when the use ends.
+- `scheduling`: the bounded wait of a member in Ray's queue.
+- `limits`: the Prefect global concurrency limit behind `max_concurrency`.
+
+It reads a node only through `MemberHost` (chia_prefect.members.host), never its private
+attributes; the node blocks (chia_prefect.base) implement that interface.
+"""
+
+from __future__ import annotations
+
+from chia_prefect.members.binding import (
+    Batch,
+    Kind,
+    Member,
+    MemberTask,
+    abstract_member,
+    on_ray_runner,
+    read,
+    write,
+)
+from chia_prefect.members.host import MemberHost
+
+__all__ = [
+    "Batch", "Kind", "Member", "MemberHost", "MemberTask", "abstract_member", "on_ray_runner", "read", "write",
+]
