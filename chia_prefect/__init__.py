@@ -32,6 +32,7 @@ from chia_prefect.errors import (
     SchemaAheadError,
     StorageFullError,
     TransactionControlError,
+    TransactionOpError,
 )
 from chia_prefect.members import MemberTask, read, write
 from chia_prefect.members.placement import Placement
@@ -71,6 +72,7 @@ __all__ = [
     "SQLiteNode",
     "StorageFullError",
     "TransactionControlError",
+    "TransactionOpError",
     "read",
     "write",
 ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +15,7 @@ from chia_prefect.errors import (
     InvalidIdentifierError,
     InvalidOperationError,
     TransactionControlError,
+    TransactionOpError,
 )
 
 # SQLite result codes (the C API's stable values). The sqlite3 module names them only from
@@ -308,17 +308,6 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-def mark_failed_op(exc: BaseException, op: Op, total: int) -> BaseException:
-    """Add the failing op's index to a driver error, keeping its type for `except`."""
-    exc.op_index = op.index  # type: ignore[attr-defined]
-    prefix = f"transaction op {op.index} of {total} failed, all ops rolled back: "
-    if exc.args and isinstance(exc.args[0], str):
-        exc.args = (prefix + exc.args[0], *exc.args[1:])
-    elif sys.version_info >= (3, 11):
-        exc.add_note(prefix.rstrip(": "))
-    return exc
-
-
 # --- running on a cursor ------------------------------------------------------------
 
 
@@ -334,7 +323,7 @@ def run_ops(cursor: Any, ops: list[Op], run_one: Any) -> list[ExecResult]:
         try:
             results.append(run_many(cursor, op.sql, op.params) if op.many else run_one(cursor, op.sql, op.params))
         except Exception as exc:
-            raise mark_failed_op(exc, op, len(ops))  # noqa: B904 - the same exception, annotated
+            raise TransactionOpError.of(exc, op_index=op.index, op_total=len(ops)) from exc
     return results
 
 

@@ -2,9 +2,9 @@
 
 Every error the package raises on its own account derives from `ChiaPrefectError`.
 Driver errors (`sqlite3.Error`, `psycopg.Error`) pass through unchanged, except that a
-failing `transaction` op gets its index added, a failed or lost Postgres connection is
-re-raised as `NodeConnectionError` without the DSN or password, and a full SQLite database
-or disk as `StorageFullError`.
+failing `transaction` op is re-raised as `TransactionOpError` (which is also the driver's
+error class), a failed or lost Postgres connection as `NodeConnectionError` without the DSN
+or password, and a full SQLite database or disk as `StorageFullError`.
 
     ChiaPrefectError
     ├── ConfigurationError (ValueError)      a block or call is configured wrongly
@@ -23,12 +23,15 @@ or disk as `StorageFullError`.
     │       └── CommitOutcomeUnknownError    it dropped while COMMIT was in flight
     ├── StorageFullError (OSError)           SQLite: the database or disk is full
     ├── IntegrityCheckError                  PRAGMA integrity_check found damage
+    ├── TransactionOpError (+ driver class)  a `transaction` op failed; all ops rolled back
     └── MigrationError                       migrations cannot be loaded or applied as asked
         ├── SchemaAheadError                 the database has versions the code lacks
         └── ChecksumMismatchError            an applied migration's file was edited
 """
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 
 class ChiaPrefectError(Exception):
@@ -122,3 +125,55 @@ class ChecksumMismatchError(MigrationError):
 
 class IntegrityCheckError(ChiaPrefectError):
     """`PRAGMA integrity_check` found damage in a SQLite database."""
+
+
+class TransactionOpError(ChiaPrefectError):
+    """An op of a `transaction` failed and every op was rolled back.
+
+    What is raised is a subclass of this class AND of the driver's error class (e.g.
+    `sqlite3.IntegrityError`, `psycopg.errors.UniqueViolation`), so `except` on either
+    catches it and the driver's attributes (`sqlite_errorcode`, `sqlstate`, `diag`) still
+    answer. `op_index` is the failing op (0-based), `op_total` the number of ops, `driver`
+    the driver's error class; the driver's own exception is `__cause__`. All of it survives
+    pickling (Ray)."""
+
+    driver: ClassVar[type[BaseException]] = Exception
+
+    def __init__(self, message: str, *, op_index: int, op_total: int,
+                 driver_state: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.__dict__.update(driver_state or {})  # the driver's own data: sqlite_errorcode, psycopg's _info
+        self.op_index = op_index
+        self.op_total = op_total
+
+    @classmethod
+    def of(cls, exc: BaseException, *, op_index: int, op_total: int) -> TransactionOpError:
+        """The error to raise for `exc`, the driver's error on op `op_index` of `op_total`."""
+        message = str(exc.args[0]) if exc.args and isinstance(exc.args[0], str) else str(exc)
+        return transaction_op_error_class(type(exc))(
+            f"transaction op {op_index} of {op_total} failed, all ops rolled back: {message}",
+            op_index=op_index, op_total=op_total, driver_state=dict(vars(exc)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = super().__reduce__()  # the driver's reduce: psycopg makes its diagnostics picklable
+        return (_rebuild_transaction_op_error, (self.driver, str(self.args[0]), self.op_index, self.op_total),
+                state[2] if len(state) > 2 else None)
+
+
+_OP_ERROR_CLASSES: dict[type[BaseException], type[TransactionOpError]] = {}
+
+
+def transaction_op_error_class(driver: type[BaseException]) -> type[TransactionOpError]:
+    """`TransactionOpError` joined with one driver error class (one class per driver class)."""
+    if issubclass(driver, TransactionOpError):
+        return driver
+    if driver not in _OP_ERROR_CLASSES:  # a race creates two equal classes; either is right
+        _OP_ERROR_CLASSES[driver] = type(
+            f"TransactionOpError[{driver.__module__}.{driver.__qualname__}]", (TransactionOpError, driver),
+            {"driver": driver, "__module__": __name__, "__doc__": TransactionOpError.__doc__})
+    return _OP_ERROR_CLASSES[driver]
+
+
+def _rebuild_transaction_op_error(driver: type[BaseException], message: str, op_index: int,
+                                  op_total: int) -> TransactionOpError:
+    return transaction_op_error_class(driver)(message, op_index=op_index, op_total=op_total)

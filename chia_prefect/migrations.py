@@ -37,6 +37,7 @@ from chia_prefect.errors import (
     DatabaseNotFoundError,
     MigrationError,
     SchemaAheadError,
+    TransactionOpError,
 )
 from chia_prefect.local import ray_task_runner
 
@@ -201,11 +202,11 @@ def _apply(node: DatabaseNode, migration: Migration) -> bool:
     ops = [*lock, (sql, rows[0]), *((stmt, None) for stmt in node.split_script(migration.sql))]
     try:
         node.transaction(ops)
-    except Exception as exc:
-        index = getattr(exc, "op_index", None)
+    except TransactionOpError as exc:
+        index = exc.op_index
         if index == len(lock):  # the version row's insert: another run got there first
             return False
-        if index is None or index < len(lock):
+        if index < len(lock):
             raise
         statement = index - len(lock)  # 1-based among the migration's statements
         raise MigrationError(

@@ -15,6 +15,7 @@ from chia_prefect import (
     InvalidOperationError,
     SQLiteNode,
     TransactionControlError,
+    TransactionOpError,
 )
 
 
@@ -100,9 +101,14 @@ def test_transaction_all_or_nothing(any_db):
             ("UPDATE items SET qty = 0", None),
             (ins, ("keep", 5)),  # violates UNIQUE: the last op fails
         ])
-    assert info.value.op_index == 3
+    assert isinstance(info.value, TransactionOpError)
+    assert (info.value.op_index, info.value.op_total) == (3, 4)
     assert "transaction op 3 of 4" in str(info.value)
     assert isinstance(info.value, (sqlite3.IntegrityError, _psycopg_integrity()))
+    if any_db.engine == "postgres":  # the driver's data came back from the worker with it
+        assert info.value.sqlstate == "23505" and info.value.diag.constraint_name
+    else:
+        assert info.value.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE"
     assert rows(any_db) == before
 
 
