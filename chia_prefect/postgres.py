@@ -12,8 +12,9 @@ untrusted reader is a role granted SELECT only.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from typing import Any, ClassVar, Literal
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
@@ -21,7 +22,14 @@ from chia_prefect._sql import ExecResult, check_rows, validate_identifier, valid
 from chia_prefect._ui import optional_field
 from chia_prefect.base import LOGO_BASE_URL, DatabaseNode
 from chia_prefect.engines.dialect import POSTGRES, Dialect
-from chia_prefect.engines.postgres import PostgresConnectOptions, PostgresEngine, check_paramstyle, scrub
+from chia_prefect.engines.postgres import (
+    PostgresConnectOptions,
+    PostgresEngine,
+    PostgresTarget,
+    SSLMode,
+    check_dsn_or_parts,
+    check_paramstyle,
+)
 from chia_prefect.errors import ConfigurationError, InvalidIdentifierError, InvalidOperationError
 from chia_prefect.members import read, write
 from chia_prefect.members.limits import run_logger
@@ -68,7 +76,7 @@ class PostgresNode(DatabaseNode):
     dbname: str | None = optional_field(title="Database", description="Database name.")
     user: str | None = optional_field(title="User", description="Role to connect as.")
     password: SecretStr | None = optional_field(title="Password", description="Password of the role.")
-    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = optional_field(
+    sslmode: SSLMode | None = optional_field(
         title="SSL mode", description="libpq sslmode; empty for the libpq default."
     )
     options: str | None = optional_field(title="Server options", description="libpq options, e.g. -c search_path=app.")
@@ -92,51 +100,37 @@ class PostgresNode(DatabaseNode):
 
     @model_validator(mode="after")
     def _dsn_or_parts(self) -> PostgresNode:
-        parts = [name for name in ("host", "port", "dbname", "user", "password", "sslmode", "options")
-                 if getattr(self, name) is not None]
-        if self.dsn is not None and parts:
-            raise ConfigurationError(
-                f"give either dsn or connection fields, not both (also set: {', '.join(parts)})"
-            )
-        if self.dsn is None and not parts:
-            raise ConfigurationError("give dsn, or host/dbname/user/password to connect to PostgreSQL")
+        check_dsn_or_parts(self)
         return self
 
     # --- the engine -------------------------------------------------------------------
 
-    def _secrets(self) -> list[str]:
-        values = [s.get_secret_value() for s in (self.dsn, self.password) if s is not None]
-        return [v for v in values if v]
+    def target(self) -> PostgresTarget:
+        """Where the database is and who connects: the DSN or the fields, as one model."""
+        return PostgresTarget(**{name: getattr(self, name) for name in ("dsn", *PostgresTarget.PARTS)})
 
     def scrub(self, text: str) -> str:
         """`text` with the DSN, the password and anything shaped like a credential removed."""
-        return scrub(text, self._secrets())
+        return self.target().scrub(text)
 
-    def _target(self) -> dict[str, Any]:
-        """libpq parameters of the database: the DSN parsed, or the fields."""
-        from psycopg.conninfo import conninfo_to_dict
-
-        if self.dsn is not None:
-            try:
-                return dict(conninfo_to_dict(self.dsn.get_secret_value()))
-            except Exception as exc:
-                raise ConfigurationError(f"{self.label}: the DSN is not valid: {self.scrub(str(exc))}") from None
-        params: dict[str, Any] = {k: getattr(self, k) for k in ("host", "port", "dbname", "user", "sslmode", "options")
-                                  if getattr(self, k) is not None}
-        if self.password is not None:
-            params["password"] = self.password.get_secret_value()
-        return params
+    @contextmanager
+    def _named(self) -> Iterator[None]:
+        """A target error (a DSN libpq cannot parse) names this node."""
+        try:
+            yield
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{self.label}: {exc}") from None
 
     def engine_for(self, connect_opts: dict[str, Any] | BaseModel | None = None) -> PostgresEngine:
         """The driver for this database with the block's options and a call's overrides
         applied; connect retries log on the task run."""
-        return PostgresEngine(self._target(), self.resolve_connect_opts(connect_opts), self.label,
-                              self._secrets(), log=lambda line: run_logger().info(line))
+        with self._named():
+            return PostgresEngine(self.target(), self.resolve_connect_opts(connect_opts), self.label,
+                                  log=lambda line: run_logger().info(line))
 
     def limit_identity(self) -> str:
-        params = self._target()
-        where = f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
-        return f"{params.get('user') or ''}@{where}/{params.get('dbname') or ''}"
+        with self._named():
+            return self.target().identity()
 
     def connect(
         self, *, read_only: bool = False, connect_opts: dict[str, Any] | BaseModel | None = None

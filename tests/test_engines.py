@@ -9,12 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from chia_prefect import ConnectionLostError, DatabaseNotFoundError, NodeConnectionError, TransactionControlError
+from chia_prefect import (
+    ConfigurationError,
+    ConnectionLostError,
+    DatabaseNotFoundError,
+    NodeConnectionError,
+    TransactionControlError,
+)
 from chia_prefect.engines import (
     POSTGRES,
     SQLITE,
     PostgresConnectOptions,
     PostgresEngine,
+    PostgresTarget,
     SQLiteConnectOptions,
     SQLiteEngine,
 )
@@ -72,10 +79,7 @@ def test_sqlite_engine_connects_writes_reads_and_backs_up(tmp_path):
 
 @pytest.mark.postgres
 def test_postgres_engine_connects_writes_reads_and_copies(postgres_dsn):
-    from psycopg.conninfo import conninfo_to_dict
-
-    target = conninfo_to_dict(postgres_dsn)
-    engine = PostgresEngine(target, PostgresConnectOptions(connect_timeout_s=5), "engine p")
+    engine = PostgresEngine(postgres_dsn, PostgresConnectOptions(connect_timeout_s=5), "engine p")
     assert engine.dialect is POSTGRES
     engine.run_script("CREATE TABLE t (id SERIAL PRIMARY KEY, v TEXT UNIQUE); CREATE TABLE u (a INT, b TEXT);")
     with engine.atomic() as cur:
@@ -96,14 +100,40 @@ def test_postgres_engine_loses_a_terminated_connection_and_retries_a_refused_one
     from psycopg.conninfo import conninfo_to_dict
 
     target = conninfo_to_dict(postgres_dsn)
-    engine = PostgresEngine(target, label="engine p")
+    engine = PostgresEngine(PostgresTarget.from_dsn(postgres_dsn), label="engine p")
     with pytest.raises(ConnectionLostError, match="engine p: the connection to database"), engine.atomic() as cur:
         cur.execute("SELECT pg_terminate_backend(pg_backend_pid())")
     lines: list[str] = []
-    refused = {**target, "host": "127.0.0.1", "port": 1, "password": "s3cret-pass"}
+    refused = PostgresTarget(host="127.0.0.1", port=1, dbname=target.get("dbname"), user=target.get("user"),
+                             password="s3cret-pass")
     gone = PostgresEngine(refused, PostgresConnectOptions(connect_timeout_s=2), "engine q", log=lines.append)
     with pytest.raises(NodeConnectionError) as info, gone.connect():
         pass
     assert "engine q: could not connect" in str(info.value) and "attempts" in str(info.value)
     assert lines and all("the connection was refused" in line for line in lines)
     assert not any("s3cret-pass" in text for text in [str(info.value), *lines])
+
+
+def test_postgres_target_is_a_dsn_or_its_parts_in_one_model():
+    """One model for the DSN-or-parts rule, libpq parameters, secrets and naming."""
+    from pydantic import ValidationError
+
+    uri = PostgresTarget.from_dsn("postgresql://app:pw-in-uri@db.example:6543/orders?sslmode=require")
+    assert uri.params() == {"user": "app", "password": "pw-in-uri", "host": "db.example", "port": "6543",
+                            "dbname": "orders", "sslmode": "require"}
+    assert uri.identity() == "app@db.example:6543/orders"
+    assert "pw-in-uri" not in repr(uri) and "pw-in-uri" in uri.secrets()
+    assert uri.scrub("FATAL: password pw-in-uri rejected") == "FATAL: password *** rejected"
+    parts = PostgresTarget(host="/tmp", dbname="orders", user="app", password="pw-part", options="-c search_path=a")
+    assert parts.params() == {"host": "/tmp", "dbname": "orders", "user": "app", "password": "pw-part",
+                              "options": "-c search_path=a"}
+    assert parts.identity() == "app@/tmp:5432/orders" and "pw-part" not in repr(parts)
+    assert PostgresTarget.from_dsn("host=h dbname=d").params() == {"host": "h", "dbname": "d"}
+    with pytest.raises(ValidationError, match="not both"):
+        PostgresTarget(dsn="postgresql://h/db", host="h")
+    with pytest.raises(ValidationError, match="give dsn, or host"):
+        PostgresTarget()
+    bad = PostgresTarget.from_dsn("postgresql://u:pw-bad@[oops/db")
+    with pytest.raises(ConfigurationError, match="the DSN is not valid") as info:
+        bad.params()
+    assert "pw-bad" not in str(info.value) and bad.secrets() == ["postgresql://u:pw-bad@[oops/db"]

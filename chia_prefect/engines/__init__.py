@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from chia_prefect._sql import ExecResult
 from chia_prefect.engines.dialect import POSTGRES, SQLITE, Dialect
-from chia_prefect.engines.postgres import PostgresConnectOptions, PostgresEngine
+from chia_prefect.engines.postgres import PostgresConnectOptions, PostgresEngine, PostgresTarget
 from chia_prefect.engines.sqlite import SQLiteConnectOptions, SQLiteEngine
 
 
@@ -37,6 +37,6 @@ class Engine(Protocol):
 
 
 __all__ = [
-    "POSTGRES", "SQLITE", "Dialect", "Engine", "PostgresConnectOptions", "PostgresEngine",
+    "POSTGRES", "SQLITE", "Dialect", "Engine", "PostgresConnectOptions", "PostgresEngine", "PostgresTarget",
     "SQLiteConnectOptions", "SQLiteEngine",
 ]

@@ -16,15 +16,16 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from chia_prefect._sql import ExecResult, check_single_params, fetch_dicts
 from chia_prefect._ui import optional_field
 from chia_prefect.engines.dialect import POSTGRES
 from chia_prefect.errors import (
     CommitOutcomeUnknownError,
+    ConfigurationError,
     ConnectionLostError,
     InvalidOperationError,
     NodeConnectionError,
@@ -90,37 +91,111 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
 
+SSLMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+
+class PostgresTarget(BaseModel):
+    """Where a PostgreSQL database is and who connects to it: a libpq DSN (URI or
+    `key=value`), or its parts. The one place that knows the DSN-or-parts rule, turns either
+    into libpq parameters, lists the secrets to scrub and names the database in messages (as
+    prefect-sqlalchemy's `ConnectionComponents`). `repr()` shows no secret."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    PARTS: ClassVar[tuple[str, ...]] = ("host", "port", "dbname", "user", "password", "sslmode", "options")
+
+    dsn: SecretStr | None = None
+    host: str | None = None
+    port: int | None = None
+    dbname: str | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+    sslmode: SSLMode | None = None
+    options: str | None = None
+
+    @model_validator(mode="after")
+    def _dsn_or_parts(self) -> PostgresTarget:
+        check_dsn_or_parts(self)
+        return self
+
+    @classmethod
+    def from_dsn(cls, dsn: str | SecretStr) -> PostgresTarget:
+        return cls(dsn=dsn if isinstance(dsn, SecretStr) else SecretStr(dsn))
+
+    def params(self) -> dict[str, Any]:
+        """libpq parameters: the DSN parsed, or the parts set. A DSN libpq cannot parse
+        raises `ConfigurationError` without the DSN in it."""
+        if self.dsn is None:
+            params: dict[str, Any] = {name: getattr(self, name) for name in self.PARTS if getattr(self, name) is not None}
+            if self.password is not None:
+                params["password"] = self.password.get_secret_value()
+            return params
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            return dict(conninfo_to_dict(self.dsn.get_secret_value()))
+        except Exception as exc:
+            # Not self.scrub: listing the secrets parses the DSN again.
+            raise ConfigurationError(f"the DSN is not valid: {scrub(str(exc), [self.dsn.get_secret_value()])}") from None
+
+    def secrets(self) -> list[str]:
+        """Strings no message may show: the DSN, the password, the DSN's own password."""
+        values = [s.get_secret_value() for s in (self.dsn, self.password) if s is not None]
+        if self.dsn is not None:
+            try:
+                values.append(str(self.params().get("password") or ""))
+            except ConfigurationError:
+                pass  # an unparsable DSN is scrubbed whole
+        return [v for v in values if v]
+
+    def scrub(self, text: str) -> str:
+        """`text` with the secrets and anything shaped like a credential removed."""
+        return scrub(text, self.secrets())
+
+    def identity(self) -> str:
+        """`user@host:port/dbname`, without the password: names the database in limits."""
+        params = self.params()
+        where = f"{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+        return f"{params.get('user') or ''}@{where}/{params.get('dbname') or ''}"
+
+
+def check_dsn_or_parts(model: Any) -> None:
+    """Either `dsn` or the parts of a target (a `PostgresTarget`, or a block with the same
+    fields): `ConfigurationError` naming what is wrong otherwise."""
+    parts = [name for name in PostgresTarget.PARTS if getattr(model, name) is not None]
+    if model.dsn is not None and parts:
+        raise ConfigurationError(f"give either dsn or connection fields, not both (also set: {', '.join(parts)})")
+    if model.dsn is None and not parts:
+        raise ConfigurationError("give dsn, or host/dbname/user/password to connect to PostgreSQL")
+
+
 class PostgresEngine:
-    """One PostgreSQL database reached with libpq parameters `target` (host, port, dbname,
-    user, password, sslmode, options) and one set of connection options. `label` names it in
-    errors; `secrets` are scrubbed from every message; `log` receives one line per connect
-    retry."""
+    """One PostgreSQL database, `target` (a `PostgresTarget`, or a DSN string), reached with
+    one set of connection options. `label` names it in errors; the target's secrets are
+    scrubbed from every message; `log` receives one line per connect retry."""
 
     dialect = POSTGRES
 
     def __init__(
         self,
-        target: dict[str, Any],
+        target: PostgresTarget | str,
         options: PostgresConnectOptions | None = None,
         label: str | None = None,
-        secrets: Iterable[str] = (),
         log: Callable[[str], None] | None = None,
     ):
-        self.target = dict(target)
+        self.target = PostgresTarget.from_dsn(target) if isinstance(target, str) else target
+        self.params = self.target.params()
         self.options = options or PostgresConnectOptions()
-        self.secrets = [s for s in secrets if s]
-        if "password" in self.target and self.target["password"]:
-            self.secrets.append(str(self.target["password"]))
-        self.label = label or scrub(f"PostgreSQL database {self.target.get('dbname') or ''}", self.secrets)
+        self.label = label or self.scrub(f"PostgreSQL database {self.params.get('dbname') or ''}")
         self.log = log
 
     def scrub(self, text: str) -> str:
-        return scrub(text, self.secrets)
+        return self.target.scrub(text)
 
     def conninfo(self, read_only: bool = False) -> dict[str, Any]:
-        """libpq parameters: the target plus this engine's session settings."""
+        """libpq parameters: the target's plus this engine's session settings."""
         opts = self.options
-        params = dict(self.target)
+        params = dict(self.params)
         settings = [f"-c lock_timeout={opts.lock_timeout_ms}"]
         if opts.statement_timeout_ms is not None:
             settings.append(f"-c statement_timeout={opts.statement_timeout_ms}")
