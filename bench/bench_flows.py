@@ -102,6 +102,52 @@ def postgres_ingest(block: str, n_rows: int) -> dict[str, float]:
     return {"executemany": executemany, "copy": copy}
 
 
+# ------------------------------------------------------------------ the cost of an idempotency key
+
+@flow
+def keyed_cost(db_path: str, pg_block: str | None, n_calls: int, n_ops: int, repeat: int) -> dict[str, Any]:
+    """Median `execute` latency (SQLite and Postgres) and 1,000-op `transaction` time
+    (SQLite), without and with a key (a fresh key per call), interleaved so both see the
+    same background work."""
+    out: dict[str, Any] = {}
+    with SQLiteNode(db_path=db_path) as db:
+        db.init_schema(SCHEMA)
+        out.update(_keyed_cost_of(db, INSERT, n_calls, n_ops, repeat))
+    if pg_block:
+        db = PostgresNode.load(pg_block)
+        db.init_schema(PG_SCHEMA)
+        out.update(_keyed_cost_of(db, PG_INSERT, n_calls, 0, 0))
+    return out
+
+
+def _keyed_cost_of(db: Any, insert: str, n_calls: int, n_ops: int, repeat: int) -> dict[str, Any]:
+    db.execute("DELETE FROM t")
+    ids = iter(range(10**9))
+
+    def execute(key: str | None) -> None:
+        db.execute(insert, (next(ids), "x", 1.0), idempotency_key=key)
+
+    def transaction(key: str | None) -> None:
+        db.transaction([(insert, (next(ids), f"op-{i}", float(i))) for i in range(n_ops)], idempotency_key=key)
+
+    for _ in range(3):  # warm the worker and the key table
+        execute(None)
+        execute(f"warm-{time.monotonic_ns()}")
+    plain, keyed = [], []
+    for _ in range(n_calls):
+        plain.append(_timed(lambda: execute(None)))
+        keyed.append(_timed(lambda: execute(f"bench-{time.monotonic_ns()}")))
+    out: dict[str, Any] = {f"{db.engine}_execute": {"plain": statistics.median(plain), "keyed": statistics.median(keyed)}}
+    if repeat:
+        tx_plain, tx_keyed = [], []
+        for _ in range(repeat):
+            tx_plain.append(_timed(lambda: transaction(None)))
+            tx_keyed.append(_timed(lambda: transaction(f"tx-{time.monotonic_ns()}")))
+        out[f"{db.engine}_transaction"] = {"plain": statistics.median(tx_plain), "keyed": statistics.median(tx_keyed),
+                                           "ops": n_ops}
+    return out
+
+
 # ------------------------------------------------------------------ the small flow, two ways
 
 SMALL_SINGLE_WRITES, SMALL_BULK_ROWS, SMALL_QUERIES = 200, 100_000, 50

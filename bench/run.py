@@ -47,6 +47,9 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "copy_vs_psycopg_executemany": ("psycopg executemany 100k / our COPY member 100k", 3.0, "min"),
     "writers_8_vs_1": ("8 concurrent SQLite writers' throughput / one writer's", 0.9, "min"),
     "writers_lock_errors": ("lock errors among the 8 writers", 0, "max"),
+    "key_sqlite_execute_vs_unkeyed": ("SQLite execute with an idempotency key / without (sequential)", 1.1, "max"),
+    "key_postgres_execute_vs_unkeyed": ("Postgres execute with an idempotency key / without (sequential)", 1.1, "max"),
+    "key_transaction_1000_vs_unkeyed": ("SQLite transaction of 1,000 ops with a key / without", 1.1, "max"),
 }
 
 
@@ -268,6 +271,12 @@ def bench_postgres(dsn: str, n_rows: int, repeat: int) -> dict[str, Any]:
     }
 
 
+def bench_keyed(work: Path, dsn: str, n_calls: int, n_ops: int, repeat: int) -> dict[str, Any]:
+    PostgresNode(dsn=dsn).save("bench-postgres", overwrite=True)
+    flow = bf.keyed_cost.with_options(task_runner=FastRayTaskRunner())
+    return flow(str(work / "keyed.db"), "bench-postgres", n_calls, n_ops, repeat)
+
+
 def bench_small_flow(work: Path, repeat: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for runner_name, cls in RUNNERS.items():
@@ -290,6 +299,20 @@ def bench_writers(work: Path, per_writer: int) -> dict[str, Any]:
 # ------------------------------------------------------------------ report
 
 def ratios(r: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if {"latency", "sqlite_ingest", "transaction", "postgres", "small_flow", "writers"} <= set(r):
+        out.update(_full_run_ratios(r))
+    keyed = r.get("keyed", {})
+    for engine in ("sqlite", "postgres"):
+        if f"{engine}_execute" in keyed:
+            cost = keyed[f"{engine}_execute"]
+            out[f"key_{engine}_execute_vs_unkeyed"] = cost["keyed"] / cost["plain"]
+    if "sqlite_transaction" in keyed:
+        out["key_transaction_1000_vs_unkeyed"] = keyed["sqlite_transaction"]["keyed"] / keyed["sqlite_transaction"]["plain"]
+    return out
+
+
+def _full_run_ratios(r: dict[str, Any]) -> dict[str, float]:
     lat, ing, pg, small, w = r["latency"], r["sqlite_ingest"], r["postgres"], r["small_flow"], r["writers"]
     out = {
         "member_seq_vs_stock_noop": lat["ours"]["member_seq"] / lat["stock"]["noop_seq"],
@@ -328,6 +351,11 @@ def verdict(name: str, value: float) -> str:
 
 def print_report(report: dict[str, Any]) -> None:
     r = report["results"]
+    if "latency" not in r:  # a partial run (--only): what it measured, then its ratios
+        print(f"\nchia-prefect benchmarks (partial: {', '.join(r)}) - {report['machine']}")
+        print(json.dumps(r, indent=2))
+        _print_ratios(report)
+        return
     lat = r["latency"]
     print(f"\nchia-prefect benchmarks - {report['machine']}")
     print("\nlatency (ms)                 seq median   {} in parallel".format(report["sizes"]["parallel"]))
@@ -355,6 +383,15 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"  {w['transactions']} write transactions: 1 writer {w['one']['seconds']:.2f}, 8 writers "
           f"{w['eight']['seconds']:.2f} ({w['eight']['processes']} processes, started within "
           f"{w['eight']['start_spread'] * 1e3:.0f} ms, {w['eight']['locked']} lock errors)")
+    if "keyed" in r:
+        k = r["keyed"]
+        line = "  with / without an idempotency key: " + ", ".join(
+            f"{name} {k[name]['keyed'] * 1e3:.1f} / {k[name]['plain'] * 1e3:.1f} ms" for name in k)
+        print(line)
+    _print_ratios(report)
+
+
+def _print_ratios(report: dict[str, Any]) -> None:
     print("\nratios")
     for name, value in report["ratios"].items():
         label = TARGETS[name][0] if name in TARGETS else name
@@ -372,6 +409,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not the figures")
     parser.add_argument("--out", default=str(BENCH / "results" / "bench.json"))
+    parser.add_argument("--only", help="comma-separated steps to run (latency, sqlite_ingest, transaction, "
+                        "postgres, keyed, small_flow, writers); the report then shows what they measured")
     args = parser.parse_args()
     if args.quick:
         sizes = {"seq": 10, "parallel": 20, "ingest": {"100k": 20_000}, "pg_rows": 20_000, "ops": 200,
@@ -396,10 +435,14 @@ def main() -> None:
                     ("sqlite_ingest", lambda: bench_sqlite_ingest(work, sizes["ingest"], sizes["repeat"])),
                     ("transaction", lambda: bench_transaction(work, sizes["ops"], sizes["repeat"])),
                     ("postgres", lambda: bench_postgres(dsn, sizes["pg_rows"], sizes["repeat"])),
+                    ("keyed", lambda: bench_keyed(work, dsn, sizes["seq"], sizes["ops"], sizes["repeat"])),
                     ("small_flow", lambda: bench_small_flow(work, 1 if args.quick else 2)),
                     ("writers", lambda: bench_writers(work, sizes["per_writer"])),
                 ]
+                only = set(args.only.split(",")) if args.only else None
                 for name, step in steps:
+                    if only is not None and name not in only:
+                        continue
                     wait_until_quiet()
                     t0 = time.perf_counter()
                     results[name] = step()

@@ -19,6 +19,7 @@ from chia_prefect.errors import (
     ConfigurationError,
     ConnectionLostError,
     DatabaseNotFoundError,
+    IdempotencyKeyReusedError,
     IntegrityCheckError,
     InvalidIdentifierError,
     InvalidOperationError,
@@ -34,6 +35,7 @@ from chia_prefect.errors import (
     TransactionControlError,
     TransactionOpError,
 )
+from chia_prefect.idempotency import WriteOutcome
 from chia_prefect.members import MemberTask, read, write
 from chia_prefect.members.placement import Placement
 from chia_prefect.postgres import PostgresNode
@@ -53,6 +55,7 @@ __all__ = [
     "DatabaseNotFoundError",
     "ExecResult",
     "FastRayTaskRunner",
+    "IdempotencyKeyReusedError",
     "IntegrityCheckError",
     "InvalidIdentifierError",
     "InvalidOperationError",
@@ -73,6 +76,7 @@ __all__ = [
     "StorageFullError",
     "TransactionControlError",
     "TransactionOpError",
+    "WriteOutcome",
     "read",
     "write",
 ]

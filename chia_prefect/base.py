@@ -1,9 +1,9 @@
 """`DatabaseNode`: the abstract block every engine implements.
 
 It owns what is engine-blind: the members every engine shares, declared with their
-read/write kind and implemented once here over a few engine methods (`atomic()`,
-`connect()`, `_fetch`, `_run_one`, `_run_script`), connection options merged per call,
-placement on Ray, and `close()`. Engines subclass it, set `engine` and `paramstyle`, and
+read/write kind and implemented once here over the engine (`engine_for()`, which gives
+`atomic()` and `connect()`) and a few engine methods (`_fetch`, `_run_one`, `_run_script`),
+connection options merged per call, idempotency keys, placement on Ray, and `close()`. Engines subclass it, set `engine` and `paramstyle`, and
 implement those methods plus the members declared abstract here (`schema`,
 `add_column_if_missing`); a missing one makes the subclass impossible to construct.
 
@@ -16,14 +16,16 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from prefect.blocks.core import Block
-from pydantic import BaseModel, ConfigDict, PrivateAttr, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError
 
+from chia_prefect import idempotency
 from chia_prefect._sql import (
     ExecResult,
     check_limit,
@@ -37,14 +39,29 @@ from chia_prefect._sql import (
     run_many,
     run_ops,
 )
+from chia_prefect.engines import Engine
 from chia_prefect.engines.dialect import Dialect
-from chia_prefect.errors import ConfigurationError
+from chia_prefect.errors import ConfigurationError, InvalidOperationError
+from chia_prefect.idempotency import WriteOutcome
 from chia_prefect.members import Member, abstract_member, read, reservations, write
 from chia_prefect.members.placement import Placement, PlacementState, ray_options
 
 # The catalog logos ship in the package (chia_prefect/static) and are served from the repository.
 LOGO_BASE_URL = "https://raw.githubusercontent.com/chia-prefect/chia-prefect/main/chia_prefect/static"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+R = TypeVar("R")
+
+
+def idempotency_retention_field() -> Any:
+    """The retention of idempotency keys, declared by each engine after its own fields."""
+    return Field(
+        default=idempotency.DEFAULT_RETENTION_DAYS, ge=0, title="Idempotency key retention (days)",
+        description=(
+            "The maintenance flow forgets idempotency keys older than this. A write retried after "
+            "its key was forgotten applies again."
+        ),
+    )
 
 
 class DatabaseNode(Block, ABC):
@@ -74,6 +91,7 @@ class DatabaseNode(Block, ABC):
         placement: Placement
         max_concurrency: int | None
         connect_opts: BaseModel
+        idempotency_retention_days: float
 
     _placement_state: PlacementState = PrivateAttr(default_factory=PlacementState)
     _tools: list[Any] = PrivateAttr(default_factory=list)
@@ -92,20 +110,26 @@ class DatabaseNode(Block, ABC):
     # --- the member contract ----------------------------------------------------------
 
     @write
-    def init_schema(self, script: str, *, connect_opts: dict[str, Any] | None = None) -> None:
+    def init_schema(
+        self, script: str, *, connect_opts: dict[str, Any] | None = None, idempotency_key: str | None = None
+    ) -> None:
         """Create the database if this engine can (SQLite: its directories and file), then run
         the DDL `script` (Postgres: as one implicit transaction)."""
         self._ensure_database()
-        self._run_script(script, connect_opts)
+        self._script(script, connect_opts)
 
     @write
-    def executescript(self, script: str, *, connect_opts: dict[str, Any] | None = None) -> None:
-        """Run a multi-statement script without parameters; it may BEGIN/COMMIT itself."""
-        self._run_script(script, connect_opts)
+    def executescript(
+        self, script: str, *, connect_opts: dict[str, Any] | None = None, idempotency_key: str | None = None
+    ) -> None:
+        """Run a multi-statement script without parameters; it may BEGIN/COMMIT itself
+        (not with an idempotency key: the script then runs in the key's transaction)."""
+        self._script(script, connect_opts)
 
     @abstract_member("write")
     def add_column_if_missing(
-        self, table: str, column: str, type_decl: str, *, connect_opts: dict[str, Any] | None = None
+        self, table: str, column: str, type_decl: str, *, connect_opts: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> bool:
         """`ALTER TABLE ... ADD COLUMN` if absent; True iff added. Input validated first."""
         raise NotImplementedError
@@ -118,7 +142,10 @@ class DatabaseNode(Block, ABC):
         raise NotImplementedError
 
     @write
-    def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = (), *, connect_opts: dict[str, Any] | None = None) -> ExecResult:
+    def execute(
+        self, sql: str, params: tuple[Any, ...] | dict[str, Any] = (), *, connect_opts: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> ExecResult:
         """Run one statement in its own committed transaction; rows it returns attached."""
         check_single_params(params, "execute")
         self._check_paramstyle(sql, params, "execute")
@@ -127,7 +154,10 @@ class DatabaseNode(Block, ABC):
             return self._run_one(cur, sql, params)
 
     @write(batch=("seq_of_params",))
-    def executemany(self, sql: str, seq_of_params: list[Any], *, connect_opts: dict[str, Any] | None = None) -> ExecResult:
+    def executemany(
+        self, sql: str, seq_of_params: list[Any], *, connect_opts: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> ExecResult:
         """Run `sql` once per parameter set, in one transaction; rowcount is the total."""
         check_rows(seq_of_params, "executemany")
         self._check_paramstyle(sql, seq_of_params, "executemany")
@@ -136,7 +166,9 @@ class DatabaseNode(Block, ABC):
             return run_many(cur, sql, seq_of_params)
 
     @write(batch=("ops",))
-    def transaction(self, ops: list[Any], *, connect_opts: dict[str, Any] | None = None) -> list[ExecResult]:
+    def transaction(
+        self, ops: list[Any], *, connect_opts: dict[str, Any] | None = None, idempotency_key: str | None = None
+    ) -> list[ExecResult]:
         """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
         checked = normalize_ops(ops, all_statements=self.multi_statement)
         for op in checked:
@@ -165,13 +197,30 @@ class DatabaseNode(Block, ABC):
         """First column of the first row, `default` when no row (a NULL row gives None)."""
         return first_value(self._fetch(sql, params, 1, connect_opts), default)
 
+    @read
+    def write_outcome(self, idempotency_key: str, *, connect_opts: dict[str, Any] | None = None) -> WriteOutcome:
+        """Whether a write given `idempotency_key` committed, and the result it returned:
+        the answer to a `CommitOutcomeUnknownError` (whose `idempotency_key` names the key)."""
+        return idempotency.outcome(self, idempotency_key, connect_opts)
+
+    @write
+    def prune_idempotency_keys(
+        self, older_than_days: float | None = None, *, connect_opts: dict[str, Any] | None = None
+    ) -> int:
+        """Forget idempotency keys recorded more than `older_than_days` ago (default: the
+        block's `idempotency_retention_days`); how many. Run by the maintenance flow."""
+        days = self.idempotency_retention_days if older_than_days is None else older_than_days
+        if not isinstance(days, (int, float)) or days < 0:
+            raise InvalidOperationError(f"prune_idempotency_keys: older_than_days must be >= 0, got {days!r}.")
+        return idempotency.prune(self, float(days), connect_opts)
+
     # --- what each engine implements --------------------------------------------------
 
-    @abstractmethod
     def atomic(self, connect_opts: dict[str, Any] | BaseModel | None = None) -> AbstractContextManager[Any]:
         """One write transaction on a fresh connection: a cursor, COMMIT on success, ROLLBACK
         on error. SQLite: `BEGIN IMMEDIATE` after the node's writer queue; Postgres: a lost
-        connection during COMMIT raises `CommitOutcomeUnknownError`.
+        connection during COMMIT raises `CommitOutcomeUnknownError`. Inside a write given an
+        idempotency key, the key's transaction: its cursor, committed with the key.
 
         For the write members of a subclass:
 
@@ -180,6 +229,50 @@ class DatabaseNode(Block, ABC):
                 with self.atomic(connect_opts) as cur:
                     cur.execute(self.render("INSERT INTO entry (name) VALUES (?)"), (name,))
         """
+        keyed = idempotency.keyed_cursor(self)
+        if keyed is not None:
+            return nullcontext(keyed)
+        return self.engine_for(connect_opts).atomic()
+
+    def connect(
+        self, *, read_only: bool = False, connect_opts: dict[str, Any] | BaseModel | None = None
+    ) -> AbstractContextManager[Any]:
+        """A fresh DB-API connection with the node's options, closed on exit.
+
+        For domain members of a subclass. Reads pass `read_only=True` to get the guard.
+        A write given an idempotency key must write through `atomic()` instead, so that its
+        statements commit with the key.
+        """
+        if not read_only and idempotency.keyed_cursor(self) is not None:
+            raise ConfigurationError(
+                f"{self.label}: a write given an idempotency key runs in one transaction with its key, and "
+                "a connection from connect() would commit apart from it. Write through "
+                "`with self.atomic(connect_opts) as cur:` in this member, or call it without a key."
+            )
+        return self.engine_for(connect_opts).connect(read_only=read_only)
+
+    @abstractmethod
+    def engine_for(self, connect_opts: dict[str, Any] | BaseModel | None = None) -> Engine:
+        """The engine (chia_prefect.engines) for this database with the block's connection
+        options and a call's overrides applied."""
+
+    def run_keyed(self, member: str, key: str, call: Callable[[], R], arguments: Any, connect_opts: Any = None) -> R:
+        """Run a write member's body under an idempotency key (see chia_prefect.idempotency)."""
+        if member.rsplit(".", 1)[-1] == "init_schema":
+            self._ensure_database()  # the key's table lives in the database init_schema creates
+        return idempotency.run_keyed(self, member, key, call, arguments, connect_opts)
+
+    def _script(self, script: str, connect_opts: dict[str, Any] | None) -> None:
+        keyed = idempotency.keyed_cursor(self)
+        if keyed is None:
+            self._run_script(script, connect_opts)
+            return
+        if not isinstance(script, str):
+            raise TypeError(f"script must be a str, got {type(script).__name__}")
+        for statement in self.split_script(script):
+            refuse_transaction_control(statement, all_statements=self.multi_statement,
+                                       where="a script given an idempotency key (it runs in the key's transaction)")
+            keyed.execute(statement)
 
     @abstractmethod
     def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -198,15 +291,6 @@ class DatabaseNode(Block, ABC):
 
     def _ensure_database(self) -> None:
         """Create the database before `init_schema`'s script, where the engine can (hook)."""
-
-    @abstractmethod
-    def connect(
-        self, *, read_only: bool = False, connect_opts: dict[str, Any] | BaseModel | None = None
-    ) -> AbstractContextManager[Any]:
-        """A fresh DB-API connection with the node's options, closed on exit.
-
-        For domain members of a subclass. Reads pass `read_only=True` to get the guard.
-        """
 
     def split_script(self, script: str) -> list[str]:
         """The statements of `script`, split as this engine's own parser splits them

@@ -16,7 +16,8 @@ or password, and a full SQLite database or disk as `StorageFullError`.
     │   └── PrivilegedRoleError              a query tool's Postgres role can reach server files
     ├── InvalidOperationError (ValueError)   a member was called with input it refuses
     │   ├── InvalidIdentifierError           table/column/type rejected before any SQL
-    │   └── TransactionControlError          BEGIN/COMMIT/... inside a member's SQL
+    │   ├── TransactionControlError          BEGIN/COMMIT/... inside a member's SQL
+    │   └── IdempotencyKeyReusedError        a write's key was recorded for another write
     ├── DatabaseNotFoundError                a read on a SQLite file that does not exist
     ├── NodeConnectionError (ConnectionError) the database could not be reached
     │   └── ConnectionLostError              the connection dropped mid-call; rolled back
@@ -103,7 +104,25 @@ class ConnectionLostError(NodeConnectionError):
 
 class CommitOutcomeUnknownError(ConnectionLostError):
     """The connection dropped while COMMIT was in flight: the transaction may or may not
-    have been applied. Check the data before running it again."""
+    have been applied. Check the data before running it again.
+
+    On a write given an idempotency key, `idempotency_key` names it: `db.write_outcome(key)`
+    says whether it committed, and calling again with the same key applies it at most once."""
+
+    def __init__(self, message: str = "", *, detail: str = "", idempotency_key: str | None = None) -> None:
+        super().__init__(message, detail=detail)
+        self.idempotency_key = idempotency_key
+
+
+class IdempotencyKeyReusedError(InvalidOperationError):
+    """A write was given an idempotency key already recorded for a different write (another
+    member, or other arguments). Nothing was executed. `key` and `member` (the member that
+    recorded it) say which."""
+
+    def __init__(self, message: str = "", *, key: str = "", member: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+        self.member = member
 
 
 class StorageFullError(ChiaPrefectError, OSError):

@@ -137,6 +137,7 @@ def maintenance(block: str, backup_dir: str | None = None, keep: int = 7) -> dic
 
     SQLite: WAL checkpoint (TRUNCATE), PRAGMA optimize, PRAGMA integrity_check (a damaged
     database fails the run), and an online backup, keeping the newest `keep`. Postgres: ANALYZE.
+    Both: idempotency keys older than the block's `idempotency_retention_days` are forgotten.
 
     Args:
         block: The saved node, e.g. "sqlite-node/local-sqlite".
@@ -147,6 +148,7 @@ def maintenance(block: str, backup_dir: str | None = None, keep: int = 7) -> dic
     db = load_node(block)
     with db:
         out = db.run_maintenance(backup_dir=backup_dir, keep=keep)
+        out["idempotency_keys_pruned"] = db.prune_idempotency_keys()
     get_run_logger().info("maintenance of %s: %s", db.label, out)
     return out
 

@@ -13,14 +13,14 @@ untrusted reader is a role granted SELECT only.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from chia_prefect._sql import ExecResult, check_rows, validate_identifier, validate_type_decl
 from chia_prefect._ui import optional_field
-from chia_prefect.base import LOGO_BASE_URL, DatabaseNode
+from chia_prefect.base import LOGO_BASE_URL, DatabaseNode, idempotency_retention_field
 from chia_prefect.engines.dialect import POSTGRES, Dialect
 from chia_prefect.engines.postgres import (
     PostgresConnectOptions,
@@ -97,6 +97,7 @@ class PostgresNode(DatabaseNode):
         title="Connection options",
         description="Timeouts and application name; members accept connect_opts= to override.",
     )
+    idempotency_retention_days: float = idempotency_retention_field()
 
     @model_validator(mode="after")
     def _dsn_or_parts(self) -> PostgresNode:
@@ -131,16 +132,6 @@ class PostgresNode(DatabaseNode):
     def limit_identity(self) -> str:
         with self._named():
             return self.target().identity()
-
-    def connect(
-        self, *, read_only: bool = False, connect_opts: dict[str, Any] | BaseModel | None = None
-    ) -> AbstractContextManager[Any]:
-        return self.engine_for(connect_opts).connect(read_only=read_only)
-
-    def atomic(self, connect_opts: dict[str, Any] | BaseModel | None = None) -> AbstractContextManager[Any]:
-        """One transaction; a connection lost before COMMIT was sent means nothing applied,
-        one lost while COMMIT was in flight raises `CommitOutcomeUnknownError`."""
-        return self.engine_for(connect_opts).atomic()
 
     def _fetch(
         self, sql: str, params: Any, limit: int | None, connect_opts: dict[str, Any] | None
@@ -180,7 +171,8 @@ class PostgresNode(DatabaseNode):
 
     @write
     def add_column_if_missing(
-        self, table: str, column: str, type_decl: str, *, connect_opts: dict[str, Any] | None = None
+        self, table: str, column: str, type_decl: str, *, connect_opts: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> bool:
         """Add `column` to `table` (`schema.table` allowed, default public); True iff added."""
         schema_name, table_name = _split_table(table)
@@ -220,7 +212,8 @@ class PostgresNode(DatabaseNode):
 
     @write(batch=("rows",))
     def copy_rows(
-        self, table: str, columns: list[str] | tuple[str, ...], rows: list[Any], *, connect_opts: dict[str, Any] | None = None
+        self, table: str, columns: list[str] | tuple[str, ...], rows: list[Any], *,
+        connect_opts: dict[str, Any] | None = None, idempotency_key: str | None = None,
     ) -> ExecResult:
         """Bulk insert `rows` into `table (columns)` with `COPY ... FROM STDIN`, all or nothing.
 
@@ -239,8 +232,8 @@ class PostgresNode(DatabaseNode):
                 raise InvalidOperationError(
                     f"copy_rows: row {index} must be a tuple of {width} values ({', '.join(names)}), "
                     f"got {_describe_row(row)}; nothing was executed.")
-        count = self.engine_for(connect_opts).copy_rows(schema_name.lower(), table_name.lower(), names, rows)
-        return ExecResult(rowcount=count)
+        with self.atomic(connect_opts) as cur:
+            return ExecResult(rowcount=PostgresEngine.copy_into(cur, schema_name.lower(), table_name.lower(), names, rows))
 
 def _describe_row(row: object) -> str:
     if isinstance(row, (tuple, list)):

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from chia_prefect._sql import ExecResult, validate_identifier, validate_type_decl
 from chia_prefect._ui import optional_field
-from chia_prefect.base import LOGO_BASE_URL, DatabaseNode
+from chia_prefect.base import LOGO_BASE_URL, DatabaseNode, idempotency_retention_field
 from chia_prefect.engines.dialect import SQLITE, Dialect
 from chia_prefect.engines.sqlite import SQLiteConnectOptions, SQLiteEngine
 from chia_prefect.errors import IntegrityCheckError
@@ -87,6 +86,7 @@ class SQLiteNode(DatabaseNode):
         title="Connection options",
         description="How each connection is opened; members accept connect_opts= to override.",
     )
+    idempotency_retention_days: float = idempotency_retention_field()
 
     @field_validator("db_path", mode="before")
     @classmethod
@@ -117,16 +117,6 @@ class SQLiteNode(DatabaseNode):
         """The driver for this file with the block's options and a call's overrides applied."""
         return SQLiteEngine(self.db_path, self.resolve_connect_opts(connect_opts), self.label)
 
-    def connect(
-        self, *, read_only: bool = False, connect_opts: dict[str, Any] | BaseModel | None = None
-    ) -> AbstractContextManager[sqlite3.Connection]:
-        return self.engine_for(connect_opts).connect(read_only=read_only)
-
-    def atomic(self, connect_opts: dict[str, Any] | BaseModel | None = None) -> AbstractContextManager[sqlite3.Cursor]:
-        """One write transaction: the writer queue, BEGIN IMMEDIATE, COMMIT on success,
-        ROLLBACK on error."""
-        return self.engine_for(connect_opts).atomic()
-
     def _fetch(
         self, sql: str, params: Any, limit: int | None, connect_opts: dict[str, Any] | None
     ) -> list[dict[str, Any]]:
@@ -153,7 +143,8 @@ class SQLiteNode(DatabaseNode):
 
     @write
     def add_column_if_missing(
-        self, table: str, column: str, type_decl: str, *, connect_opts: dict[str, Any] | None = None
+        self, table: str, column: str, type_decl: str, *, connect_opts: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> bool:
         """Add `column` to `table` unless present; True iff added."""
         validate_identifier(table, "table")

@@ -35,3 +35,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, interval: fl
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what or predicate}")
+
+
+# Objects of this test process that a flow reads by name: a flow function travels to Ray
+# workers by value, with the globals it uses, and these (a Ray cluster) do not pickle.
+SHARED: dict[str, Any] = {}

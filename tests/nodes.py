@@ -117,3 +117,92 @@ class LosesConnectionAtCommitPostgresNode(PostgresNode):
             pid = cur.connection.info.backend_pid
             with psycopg.connect(self.dsn.get_secret_value(), autocommit=True) as other:
                 other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+# --- idempotency keys -----------------------------------------------------------------
+
+
+class KeyedSQLiteNode(SQLiteNode):
+    """Domain writes for the idempotency tests."""
+
+    @write
+    def add_entries(self, names: list, *, connect_opts: dict | None = None) -> list:
+        ids = []
+        with self.atomic(connect_opts) as cur:
+            for name in names:
+                cur.execute("INSERT INTO entry (name) VALUES (?)", (name,))
+                ids.append(cur.lastrowid)
+        return ids
+
+    @write
+    def add_entry_by_connect(self, name: str, *, connect_opts: dict | None = None) -> None:
+        with self.connect(connect_opts=connect_opts) as conn:
+            conn.execute("INSERT INTO entry (name) VALUES (?)", (name,))
+            conn.commit()
+
+
+class KeyedPostgresNode(PostgresNode):
+    @write
+    def add_entries(self, names: list, *, connect_opts: dict | None = None) -> list:
+        ids = []
+        with self.atomic(connect_opts) as cur:
+            for name in names:
+                cur.execute("INSERT INTO entry (name) VALUES (%s) RETURNING id", (name,))
+                ids.append(cur.fetchone()[0])
+        return ids
+
+
+def _hang_once_after_commit(marker_dir: str, key: str) -> None:
+    """Write this worker's pid to a marker for `key` and hang, the first time only."""
+    import time
+
+    marker = os.path.join(marker_dir, key.replace("/", "_").replace(":", "_"))
+    if os.path.exists(marker):
+        return
+    with open(marker + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(marker + ".tmp", marker)
+    time.sleep(120)  # killed here: the key, the write and the result committed; nothing returned
+
+
+class HangAfterKeyedCommitSQLiteNode(SQLiteNode):
+    """After a keyed write commits, its first worker signals and hangs until killed."""
+
+    marker_dir: str = ""
+
+    def run_keyed(self, member, key, call, arguments, connect_opts=None):
+        result = super().run_keyed(member, key, call, arguments, connect_opts)
+        _hang_once_after_commit(self.marker_dir, key)
+        return result
+
+
+class HangAfterKeyedCommitPostgresNode(PostgresNode):
+    marker_dir: str = ""
+
+    def run_keyed(self, member, key, call, arguments, connect_opts=None):
+        result = super().run_keyed(member, key, call, arguments, connect_opts)
+        _hang_once_after_commit(self.marker_dir, key)
+        return result
+
+
+class LosesConnectionAtKeyedCommitPostgresNode(PostgresNode):
+    """Every transaction's server connection is terminated just before COMMIT goes out."""
+
+    def engine_for(self, connect_opts=None):
+        from contextlib import contextmanager
+
+        import psycopg
+
+        from chia_prefect.engines import PostgresEngine
+
+        dsn = self.dsn.get_secret_value()
+
+        class LosingEngine(PostgresEngine):
+            @contextmanager
+            def atomic(self):
+                with super().atomic() as cur:
+                    yield cur
+                    with psycopg.connect(dsn, autocommit=True) as other:
+                        other.execute("SELECT pg_terminate_backend(%s)", (cur.connection.info.backend_pid,))
+
+        return LosingEngine(self.target(), self.resolve_connect_opts(connect_opts), self.label)

@@ -81,7 +81,7 @@ def test_damaged_database_fails_maintenance(sqlite_db, tmp_path):
 def test_postgres_maintenance_analyzes(postgres_db):
     postgres_db.init_schema("CREATE TABLE t (x INTEGER); INSERT INTO t SELECT generate_series(1, 1000)")
     postgres_db.save("maint-pg", overwrite=True)
-    assert maintenance("postgres-node/maint-pg") == {"analyze": "done"}
+    assert maintenance("postgres-node/maint-pg") == {"analyze": "done", "idempotency_keys_pruned": 0}
     analyzed = postgres_db.query_value("SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables WHERE relname = 't'")
     assert analyzed is True
 

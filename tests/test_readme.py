@@ -81,7 +81,7 @@ def test_domain_member_block_runs(tmp_path):
     import subprocess
     import sys
 
-    [block] = blocks_under("Members")
+    [block] = [b for b in blocks_under("Members") if "AlignmentDBNode" in b]
     script = tmp_path / "domain.py"
     script.write_text(block + "\nfrom chia_prefect.base import member_names\n"
                               "print(member_names(AlignmentDBNode))\n"
@@ -93,6 +93,14 @@ def test_domain_member_block_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "'load_entry'" in done.stdout and "'add_iteration'" in done.stdout
     assert "LOADED {'entry_id': 'e1', 'iteration': 3} sqlite.add_iteration" in done.stdout
+
+
+def test_retrying_writes_block_runs(tmp_path, capsys):
+    [block] = [b for b in blocks_under("Members") if "idempotency_key" in b]
+    path = str(tmp_path / "payments.db")
+    run_blocks([block], {'"/tmp/chia-payments.db"': repr(path)})
+    run_blocks([block], {'"/tmp/chia-payments.db"': repr(path)})  # run again: still one payment
+    assert capsys.readouterr().out.split() == ["1", "1"]
 
 
 @pytest.mark.ray

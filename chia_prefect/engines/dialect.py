@@ -32,6 +32,8 @@ class Dialect:
     # True when a database may not exist until its first write (a SQLite file): readers
     # then treat it as empty instead of failing.
     created_on_first_write: bool
+    # The column type of raw bytes.
+    blob_type: str
 
 
 def _split_sqlite(script: str) -> list[str]:
@@ -54,6 +56,7 @@ SQLITE = Dialect(
     table_exists_sql="SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
     migration_lock_sql=None,
     created_on_first_write=True,
+    blob_type="BLOB",
 )
 
 POSTGRES = Dialect(
@@ -68,4 +71,5 @@ POSTGRES = Dialect(
     # if the migrator dies.
     migration_lock_sql="SELECT pg_advisory_xact_lock(1667786081)",
     created_on_first_write=False,
+    blob_type="BYTEA",
 )

@@ -321,13 +321,19 @@ class PostgresEngine:
     def copy_rows(self, schema_name: str, table_name: str, columns: list[str], rows: Iterable[Any]) -> int:
         """`COPY schema.table (columns) FROM STDIN` of `rows` in one transaction; how many.
         Identifiers are quoted here; validate them before."""
+        with self.atomic() as cur:
+            return self.copy_into(cur, schema_name, table_name, columns, rows)
+
+    @staticmethod
+    def copy_into(cur: Any, schema_name: str, table_name: str, columns: list[str], rows: Iterable[Any]) -> int:
+        """`copy_rows` on `cur`, inside the caller's transaction."""
         from psycopg import sql as pgsql
 
         statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
             pgsql.Identifier(schema_name, table_name),
             pgsql.SQL(", ").join(pgsql.Identifier(name) for name in columns))
         count = 0
-        with self.atomic() as cur, cur.copy(statement) as copy:
+        with cur.copy(statement) as copy:
             for row in rows:
                 copy.write_row(row)
                 count += 1

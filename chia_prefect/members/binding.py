@@ -35,7 +35,8 @@ from prefect.futures import PrefectFuture, PrefectFutureList
 from prefect.utilities.annotations import unmapped
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 
-from chia_prefect.errors import SchedulingTimeoutError
+from chia_prefect.errors import InvalidOperationError, SchedulingTimeoutError
+from chia_prefect.idempotency import AUTO, KEY_PARAMETER, auto_key, check_key
 from chia_prefect.members import reservations
 from chia_prefect.members.limits import ensure_limit, member_slot
 from chia_prefect.members.scheduling import Watch, announce_start
@@ -107,10 +108,11 @@ class Member(Generic[P, R]):
             raise ValueError(f"member kind must be 'read' or 'write', got {kind!r}")
         self.fn, self.kind, self.batch = fn, kind, batch
         self.name = fn.__name__
-        self.signature = inspect.signature(fn)
+        self.signature = _with_key(inspect.signature(fn)) if kind == "write" else inspect.signature(fn)
         self.__doc__ = fn.__doc__
         self.__isabstractmethod__ = abstract
         self.runner = _make_runner(fn, kind)
+        self.runner.__signature__ = self.signature  # type: ignore[attr-defined]  # what Prefect binds
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -136,14 +138,50 @@ class Member(Generic[P, R]):
         return f"<{self.kind} member {self.name}>"
 
 
+def _with_key(signature: inspect.Signature) -> inspect.Signature:
+    """A write member's signature with the `idempotency_key` keyword every write takes."""
+    if KEY_PARAMETER in signature.parameters:
+        return signature
+    parameters = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
+    parameters.insert(at, inspect.Parameter(KEY_PARAMETER, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation="str | None"))
+    return signature.replace(parameters=parameters)
+
+
 def _make_runner(fn: Callable[..., Any], kind: Kind) -> Callable[..., Any]:
+    declares_key = KEY_PARAMETER in inspect.signature(fn).parameters
+
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         announce_start(kind)  # on a Ray worker: a write the driver gave up on stops here
+        key = kwargs.pop(KEY_PARAMETER, None) if kind == "write" else None
         with member_slot(args[0] if args else None, fn.__name__):
-            return fn(*map(_unbox, args), **{k: _unbox(v) for k, v in kwargs.items()})
+            args = tuple(map(_unbox, args))
+            kwargs = {k: _unbox(v) for k, v in kwargs.items()}
+            if key is None:
+                return fn(*args, **kwargs)
+            member = f"{args[0].engine}.{fn.__name__}"
+            key = _resolve_key(key, member)
+            arguments = (args[1:], {k: v for k, v in kwargs.items() if k != "connect_opts"})
+            if declares_key:
+                kwargs[KEY_PARAMETER] = key
+            return args[0].run_keyed(member, key, lambda: fn(*args, **kwargs), arguments, kwargs.get("connect_opts"))
 
     return run
+
+
+def _resolve_key(key: object, member: str) -> str:
+    """The key itself; "auto": one derived from the task run and the member."""
+    key = check_key(key, member)
+    if key != AUTO:
+        return key
+    task_ctx = TaskRunContext.get()
+    if task_ctx is None:
+        raise InvalidOperationError(
+            f'{member}: idempotency_key="auto" derives the key from the Prefect task run, and this call runs '
+            "outside one; give your own key.")
+    return auto_key(task_ctx.task_run.id, member)
 
 
 def _declare(kind: Kind, fn: Callable[..., Any] | None, batch: tuple[str, ...], abstract: bool) -> Any:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from chia_prefect.members.placement import Placement
+
+R = TypeVar("R")
 
 
 class MemberHost(Protocol):
@@ -41,3 +44,7 @@ class MemberHost(Protocol):
 
     def member_ray_options(self) -> dict[str, Any]:
         """Ray options for one member (reserving a placement group on first use)."""
+
+    def run_keyed(self, member: str, key: str, call: Callable[[], R], arguments: Any, connect_opts: Any = None) -> R:
+        """Run a write member's body `call` once for idempotency key `key`: the key, a digest
+        of `arguments` and the result commit in one transaction with the write."""
