@@ -58,7 +58,7 @@ class WriteOutcome:
     committed: bool
     member: str | None = None
     result: Any = None
-    recorded_at: float | None = None  # Unix time of the COMMIT's transaction
+    recorded_at: float | None = None  # Unix time at which the keyed write claimed its key
 
 
 @dataclass(frozen=True)

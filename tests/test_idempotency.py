@@ -14,6 +14,7 @@ from helpers import sql_for
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prefect import flow, task
+from prefect_ray import RayTaskRunner
 
 from chia_prefect import (
     CommitOutcomeUnknownError,
@@ -300,3 +301,30 @@ def test_keyed_calls_retries_and_kills_never_apply_a_key_twice(keyed_table, step
     results = {key: db.execute(sql, (key,), idempotency_key=key) for key in keys}
     assert _rows_per_key(db, prefix) == {key: ROWS for key in keys}
     assert all(result.rowcount == ROWS and db.write_outcome(key).result == result for key, result in results.items())
+
+
+@flow(task_runner=RayTaskRunner())
+def keyed_where_twice(db) -> list:
+    return [db.where_write(idempotency_key="where"), db.where_write.submit(idempotency_key="where").result()]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("placed", ["pinned", "placement_group"])
+def test_keyed_writes_on_ray_pinned_or_in_a_placement_group(ray_cluster, sqlite_path, placed):
+    """The second call, wherever it runs, returns what the first recorded: its node and pid."""
+    import os
+
+    from nodes import ProbeSQLiteNode
+
+    from chia_prefect import Placement
+
+    placement = Placement(node_id=ray_cluster["second"]) if placed == "pinned" else Placement()
+    with ProbeSQLiteNode(db_path=sqlite_path, placement=placement) as db:
+        db.init_schema("CREATE TABLE t (x INTEGER)")
+        first, again = keyed_where_twice(db)
+        assert db.write_outcome("where").result == first
+    assert again == first and first["pid"] != os.getpid()
+    if placed == "pinned":
+        assert first["node"] == ray_cluster["second"] and first["group"] is None
+    else:
+        assert first["group"] is not None
