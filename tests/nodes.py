@@ -165,10 +165,10 @@ def _hang_once_after_commit(marker_dir: str, key: str) -> None:
     time.sleep(120)  # killed here: the key, the write and the result committed; nothing returned
 
 
-class HangAfterKeyedCommitSQLiteNode(SQLiteNode):
+class _HangAfterKeyedCommit:
     """After a keyed write commits, its first worker signals and hangs until killed."""
 
-    marker_dir: str = ""
+    marker_dir: str
 
     def run_keyed(self, member, key, call, arguments, connect_opts=None):
         result = super().run_keyed(member, key, call, arguments, connect_opts)
@@ -176,13 +176,12 @@ class HangAfterKeyedCommitSQLiteNode(SQLiteNode):
         return result
 
 
-class HangAfterKeyedCommitPostgresNode(PostgresNode):
+class HangAfterKeyedCommitSQLiteNode(_HangAfterKeyedCommit, SQLiteNode):
     marker_dir: str = ""
 
-    def run_keyed(self, member, key, call, arguments, connect_opts=None):
-        result = super().run_keyed(member, key, call, arguments, connect_opts)
-        _hang_once_after_commit(self.marker_dir, key)
-        return result
+
+class HangAfterKeyedCommitPostgresNode(_HangAfterKeyedCommit, PostgresNode):
+    marker_dir: str = ""
 
 
 class LosesConnectionAtKeyedCommitPostgresNode(PostgresNode):

@@ -186,6 +186,13 @@ def read_marker(path: str) -> str:
         return f.read()
 
 
+def kill_when_marked(futures: list, markers: list[str]) -> list[dict]:
+    """SIGKILL each worker once it wrote its pid to its marker (after COMMIT); the outcomes."""
+    pids = [int(wait_until(lambda m=m: read_marker(m))) for m in markers]
+    kill_all([psutil.Process(pid) for pid in pids])
+    return [outcome(future, pids) for future in futures]
+
+
 @flow(task_runner=RayTaskRunner())
 def kill_after_commit(db: DatabaseNode, trials: int, marker_dir: str) -> list[dict]:
     """SIGKILL each write's worker after its COMMIT, before it returns; BATCH at a time.
@@ -195,10 +202,7 @@ def kill_after_commit(db: DatabaseNode, trials: int, marker_dir: str) -> list[di
     outcomes = []
     for batch in batches(trials, BATCH):
         markers = [os.path.join(marker_dir, f"committed-{trial}") for trial in batch]
-        futures = db.insert_then_hang.map(list(batch), markers)
-        pids = [int(wait_until(lambda m=m: read_marker(m))) for m in markers]
-        kill_all([psutil.Process(pid) for pid in pids])
-        outcomes += [outcome(future, pids) for future in futures]
+        outcomes += kill_when_marked(db.insert_then_hang.map(list(batch), markers), markers)
     return outcomes
 
 
@@ -291,9 +295,7 @@ def kill_keyed_after_commit(db: DatabaseNode, trials: int, marker_dir: str) -> l
     for batch in batches(trials, BATCH):
         futures = [member.submit(sql, (trial,), idempotency_key="auto") for trial in batch]
         markers = [os.path.join(marker_dir, f"auto_{future.task_run_id}_{db.engine}.execute") for future in futures]
-        pids = [int(wait_until(lambda m=m: read_marker(m))) for m in markers]
-        kill_all([psutil.Process(pid) for pid in pids])
-        outcomes += [outcome(future, pids) for future in futures]
+        outcomes += kill_when_marked(futures, markers)
     return outcomes
 
 
