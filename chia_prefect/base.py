@@ -197,6 +197,18 @@ class DatabaseNode(Block, ABC):
         """First column of the first row, `default` when no row (a NULL row gives None)."""
         return first_value(self._fetch(sql, params, 1, connect_opts), default)
 
+    @write
+    def apply_migration(
+        self, step: Any, *, connect_opts: dict[str, Any] | None = None, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Apply one step of `chia_prefect.migrations.migrate` on the node's machine: under
+        the database's migration lock, in one transaction with its row in
+        `chia_schema_versions`; `{"status": "applied" | "elsewhere", ...}`. Takes no key."""
+        from chia_prefect.members.limits import run_logger
+        from chia_prefect.migrations.apply import apply_step
+
+        return apply_step(self, step, connect_opts, log=lambda line: run_logger().warning(line))
+
     @read
     def write_outcome(self, idempotency_key: str, *, connect_opts: dict[str, Any] | None = None) -> WriteOutcome:
         """Whether a write given `idempotency_key` committed, and the result it returned:

@@ -3,6 +3,7 @@
     chia-prefect demo                                   the atomic transaction demo
     chia-prefect plan     --block sqlite-node/app-db --dir migrations/
     chia-prefect migrate  --block sqlite-node/app-db --dir migrations/ [--target N] [--dry-run]
+                          [--allow-drift] [--strict] [--lock-timeout S] [--lock-retries N]
     chia-prefect maintain --block sqlite-node/app-db [--backup-dir DIR] [--keep N]
     chia-prefect mcp      --block sqlite-node/app-db    serve the SQL tool over MCP stdio
     chia-prefect blocks register | list
@@ -63,15 +64,22 @@ def _parser() -> argparse.ArgumentParser:
     plan = command("plan", "print the migration plan of a saved node; writes nothing",
                    "chia-prefect plan --block sqlite-node/app-db --dir migrations/")
     plan.add_argument("--block", required=True, help=BLOCK_HELP)
-    plan.add_argument("--dir", required=True, help="directory of NNNN_name.sql migration files")
-    plan.add_argument("--target", type=int, help="plan up to this version (default: the newest)")
+    plan.add_argument("--dir", required=True, help=DIR_HELP)
+    plan.add_argument("--target", type=int, help="plan up to this version (default: the newest); "
+                      "below the current version, the down plan")
+    _lock_options(plan)
 
     migrate = command("migrate", "apply pending migrations to a saved node, each atomically with its version row",
                       "chia-prefect migrate --block sqlite-node/app-db --dir migrations/ --target 2")
     migrate.add_argument("--block", required=True, help=BLOCK_HELP)
-    migrate.add_argument("--dir", required=True, help="directory of NNNN_name.sql migration files")
-    migrate.add_argument("--target", type=int, help="stop at this version (default: the newest)")
+    migrate.add_argument("--dir", required=True, help=DIR_HELP)
+    migrate.add_argument("--target", type=int, help="stop at this version (default: the newest); below the "
+                         "current version, undo down to it with the NNNN_name.down.sql files")
     migrate.add_argument("--dry-run", action="store_true", help="print the plan and write nothing (= plan)")
+    migrate.add_argument("--allow-drift", action="store_true",
+                         help="migrate although the schema changed outside the migrations (the plan shows how)")
+    migrate.add_argument("--strict", action="store_true", help="refuse to migrate when the plan's lint warns")
+    _lock_options(migrate)
 
     maintain = command("maintain", "maintain a saved node: SQLite checkpoint, optimize, integrity check, "
                        "backup; Postgres ANALYZE", "chia-prefect maintain --block sqlite-node/app-db --keep 3")
@@ -277,6 +285,18 @@ def _start_ui_server() -> dict[str, Any]:
     raise CommandError(f"the Prefect server for --keep-ui did not start within 120 s; see {log}.")
 
 
+DIR_HELP = ("directory of migrations: NNNN_name.sql or .py (def migrate(tx)), NNNN_name.down.sql, "
+            "R__name.sql (repeatable), before_migrate.sql / after_migrate.sql (callbacks)")
+
+
+def _lock_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lock-timeout", type=float, default=5.0, metavar="S",
+                        help="Postgres: how long a migration's statement waits for a lock before the "
+                        "migration rolls back and is tried again (default 5)")
+    parser.add_argument("--lock-retries", type=int, default=4, metavar="N",
+                        help="Postgres: how many times such a migration is tried again, with backoff (default 4)")
+
+
 def _migrations(directory: str) -> list[Any]:
     from chia_prefect.migrations import load_migrations
     from chia_prefect.ops import migrations_dir
@@ -288,12 +308,21 @@ def _plan(args: argparse.Namespace) -> int:
     from chia_prefect.ops import migration_plan
 
     _migrations(args.dir)
-    _positive(args.target, "--target")
+    _migration_numbers(args)
     block = _block(args.block)
     _quiet(args.debug)
     # A flow on Prefect's default runner: the members run in this process, no Ray starts.
-    print(f"{block}: {migration_plan(block, os.path.abspath(args.dir), args.target)}")
+    print(f"{block}: {migration_plan(block, os.path.abspath(args.dir), args.target, args.lock_timeout, args.lock_retries)}")
     return 0
+
+
+def _migration_numbers(args: argparse.Namespace) -> None:
+    if args.target is not None and args.target < 0:
+        raise CommandError(f"--target must be 0 or more, got {args.target}.")
+    if args.lock_timeout <= 0:
+        raise CommandError(f"--lock-timeout must be more than 0 seconds, got {args.lock_timeout:g}.")
+    if args.lock_retries < 0:
+        raise CommandError(f"--lock-retries must be 0 or more, got {args.lock_retries}.")
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -302,14 +331,25 @@ def _migrate(args: argparse.Namespace) -> int:
     from chia_prefect.ops import migrate_database
 
     _migrations(args.dir)
-    _positive(args.target, "--target")
+    _migration_numbers(args)
     block = _block(args.block)
     _quiet(args.debug)
     out = migrate_database.with_options(task_runner=_runner(args.debug))(
-        block, os.path.abspath(args.dir), args.target, False)
-    applied = ", ".join(out["pending"]) if out["applied"] or out["applied_elsewhere"] else "nothing to apply"
-    print(f"{block}: version {out['from']} -> {out['to']}; applied: {applied}"
-          + (f" (by a concurrent run: {out['applied_elsewhere']})" if out["applied_elsewhere"] else ""))
+        block, os.path.abspath(args.dir), args.target, False, args.allow_drift, args.strict,
+        args.lock_timeout, args.lock_retries)
+    moved = out["applied"] or out["applied_elsewhere"] or out["reverted"]
+    done = ", ".join(out["pending"]) if moved else "nothing to apply"
+    verb = "undone" if out["direction"] == "down" else "applied"
+    line = f"{block}: version {out['from']} -> {out['to']}; {verb}: {done}"
+    if out["repeatables"]:
+        line += f"; repeatables applied: {', '.join(out['repeatables'])}"
+    if out["applied_elsewhere"]:
+        line += f" (by a concurrent run: {out['applied_elsewhere']})"
+    print(line)
+    for warning in out["lint"]:
+        print(f"lint: {warning}")
+    if out["drift"]:
+        print("drift allowed (--allow-drift): " + "; ".join(out["drift"]))
     return 0
 
 

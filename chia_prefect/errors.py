@@ -27,7 +27,10 @@ or password, and a full SQLite database or disk as `StorageFullError`.
     ├── TransactionOpError (+ driver class)  a `transaction` op failed; all ops rolled back
     └── MigrationError                       migrations cannot be loaded or applied as asked
         ├── SchemaAheadError                 the database has versions the code lacks
-        └── ChecksumMismatchError            an applied migration's file was edited
+        ├── ChecksumMismatchError            an applied migration's file was edited
+        ├── SchemaDriftError                 the schema changed outside the migrations
+        ├── MigrationLintError               --strict: the lint warned about a migration
+        └── MigrationLockError               another migrator kept the lock too long
 """
 
 from __future__ import annotations
@@ -140,6 +143,35 @@ class SchemaAheadError(MigrationError):
 
 class ChecksumMismatchError(MigrationError):
     """An applied migration's file changed since it was applied."""
+
+
+class SchemaDriftError(MigrationError):
+    """The live schema differs from the fingerprint recorded after the last migration:
+    someone changed it outside the migrations. `differences` lists what differs."""
+
+    def __init__(self, message: str, differences: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.differences = list(differences or [])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.differences))
+
+
+class MigrationLintError(MigrationError):
+    """With `strict`, the lint warned about a pending migration; nothing was applied.
+    `warnings` lists them."""
+
+    def __init__(self, message: str, warnings: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.warnings = list(warnings or [])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.warnings))
+
+
+class MigrationLockError(MigrationError):
+    """Another migrator held the database's migration lock longer than this run waits
+    for it (or a Postgres migration kept failing on its lock_timeout); nothing was applied."""
 
 
 class IntegrityCheckError(ChiaPrefectError):

@@ -99,31 +99,52 @@ def migrations_dir(path: str) -> str:
 
 
 @flow(name="migrate-database", task_runner=ray_task_runner())
-def migrate_database(block: str, migrations_dir: str, target: int | None = None, dry_run: bool = False) -> dict[str, Any]:
-    """Plan and apply the `NNNN_name.sql` files in `migrations_dir` to the node `block`.
+def migrate_database(
+    block: str,
+    migrations_dir: str,
+    target: int | None = None,
+    dry_run: bool = False,
+    allow_drift: bool = False,
+    strict: bool = False,
+    lock_timeout_s: float = 5.0,
+    lock_retries: int = 4,
+) -> dict[str, Any]:
+    """Plan and apply the migrations in `migrations_dir` to the node `block`.
 
     Args:
         block: The saved node, e.g. "postgres-node/app-db".
         migrations_dir: Directory of migration files; relative to the working directory.
-        target: Stop at this version (default: the newest).
+        target: Stop at this version (default: the newest); below the current version,
+            undo down to it with the down migrations.
         dry_run: Publish the plan as an artifact and write nothing.
+        allow_drift: Migrate although the schema changed outside the migrations.
+        strict: Refuse to migrate when the lint warns.
+        lock_timeout_s: Postgres: how long a migration's statement waits for a lock before
+            the migration rolls back and is tried again.
+        lock_retries: Postgres: how many times it is tried again.
     """
     node = load_node(block)
     with node:
-        return migrate(node, load_migrations(os.path.abspath(migrations_dir)), target=target, dry_run=dry_run)
+        return migrate(node, load_migrations(os.path.abspath(migrations_dir)), target=target, dry_run=dry_run,
+                       allow_drift=allow_drift, strict=strict, lock_timeout_s=lock_timeout_s,
+                       lock_retries=lock_retries)
 
 
 @flow(name="migration-plan")
-def migration_plan(block: str, migrations_dir: str, target: int | None = None) -> str:
-    """The plan of `block` against `migrations_dir`, as text and as a `migration-plan` artifact.
-    Writes nothing. On Prefect's default task runner: the members run in this process."""
+def migration_plan(
+    block: str, migrations_dir: str, target: int | None = None, lock_timeout_s: float = 5.0, lock_retries: int = 4
+) -> str:
+    """The plan of `block` against `migrations_dir` (pending steps, drift, lint), as text
+    and as a `migration-plan` artifact. Writes nothing. On Prefect's default task runner:
+    the members run in this process."""
     from prefect.artifacts import create_markdown_artifact
 
     from chia_prefect.migrations import plan
 
     node = load_node(block)
     with node:
-        the_plan = plan(node, load_migrations(os.path.abspath(migrations_dir)), target=target)
+        the_plan = plan(node, load_migrations(os.path.abspath(migrations_dir)), target=target,
+                        lock_timeout_s=lock_timeout_s, lock_retries=lock_retries)
     create_markdown_artifact(the_plan.markdown(), key="migration-plan", description="Pending migrations")
     return the_plan.text()
 

@@ -54,7 +54,7 @@ WRONG_INPUTS = [
     (["plan", "--block", "a/b/c", "--dir", str(MIGRATIONS)], {}, ["slug/name"]),
     (["maintain", "--block", "cli-app", "--backup-dir", "backups"], {}, ["relative", "absolute"]),
     (["maintain", "--block", "cli-app", "--keep", "0"], {}, ["--keep", "1 or more"]),
-    (["migrate", "--block", "cli-app", "--dir", str(MIGRATIONS), "--target", "0"], {}, ["--target"]),
+    (["migrate", "--block", "cli-app", "--dir", str(MIGRATIONS), "--target", "-1"], {}, ["--target"]),
     (["plan", "--block", "cli-app", "--dir", str(MIGRATIONS)], {"PREFECT_API_URL": ""}, ["PREFECT_API_URL"]),
     (["plan", "--block", "cli-app", "--dir", str(MIGRATIONS)], {"PREFECT_API_URL": "http://127.0.0.1:9/api"},
      ["does not answer", "prefect server start"]),
@@ -163,6 +163,35 @@ def test_a_failing_migration_prints_one_error(saved, tmp_path):
     conn.close()
     code, _, err, _ = run("--debug", "migrate", "--block", "cli-typo", "--dir", str(folder))
     assert code == 1 and "Traceback" in err
+
+
+def test_plan_shows_drift_and_lint_and_migrate_refuses_them(saved, tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "0001_create.sql").write_text("CREATE TABLE runs (id INTEGER PRIMARY KEY, label TEXT);\n")
+    db_path = tmp_path / "drift.db"
+    SQLiteNode(db_path=str(db_path)).save("cli-drift", overwrite=True)
+    code, out, err, _ = run("migrate", "--block", "cli-drift", "--dir", str(folder))
+    assert code == 0 and "version 0 -> 1; applied: 0001_create" in out, err
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("ALTER TABLE runs ADD COLUMN note TEXT")  # by hand: drift
+    conn.close()
+    (folder / "0002_drop.sql").write_text("ALTER TABLE runs DROP COLUMN label;\n")
+
+    code, out, err, seconds = run("plan", "--block", "cli-drift", "--dir", str(folder))
+    assert code == 0, err
+    assert "current version 1, target 2; 1 pending:" in out and "drift: the schema changed outside" in out
+    assert "+ column runs.note: TEXT" in out
+    assert "lint: 1 warning (--strict refuses):" in out and "0002_drop statement 1: ALTER TABLE runs DROP COLUMN" in out
+
+    code, out, err, _ = run("migrate", "--block", "cli-drift", "--dir", str(folder))
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert code == 1 and len(errors) == 1 and "SchemaDriftError" in errors[0] and "runs.note" in errors[0], err
+    code, out, err, _ = run("migrate", "--block", "cli-drift", "--dir", str(folder), "--allow-drift", "--strict")
+    assert code == 1 and "MigrationLintError" in err and "Traceback" not in err, err
+    code, out, err, _ = run("migrate", "--block", "cli-drift", "--dir", str(folder), "--allow-drift")
+    assert code == 0 and "version 1 -> 2; applied: 0002_drop" in out, err
+    assert "lint: 0002_drop statement 1" in out and "drift allowed (--allow-drift): + column runs.note" in out
 
 
 def test_an_unreachable_ray_address_fails_in_seconds(saved):

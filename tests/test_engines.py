@@ -42,7 +42,8 @@ def _imports(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("module", ["engines/__init__.py", "engines/dialect.py", "engines/sqlite.py",
-                                    "engines/postgres.py", "_sql.py", "errors.py", "_ui.py", "idempotency.py"])
+                                    "engines/postgres.py", "engines/lint.py", "_sql.py", "errors.py", "_ui.py",
+                                    "idempotency.py"])
 def test_the_engine_layer_imports_no_prefect_no_ray_and_nothing_above_it(module):
     names = _imports(PACKAGE / module)
     assert not {n for n in names if n.split(".")[0] in ("prefect", "prefect_ray", "ray")}

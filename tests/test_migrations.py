@@ -64,7 +64,8 @@ def test_load_refuses_gaps_duplicates_and_bad_names(tmp_path, files, message):
 def test_fresh_to_head(any_db, migrations):
     out = migrate(any_db, migrations)
     assert out == {"from": 0, "to": 3, "target": 3, "pending": ["0001_create_runs", "0002_add_score", "0003_create_tags"],
-                   "applied": [1, 2, 3], "applied_elsewhere": [], "dry_run": False}
+                   "applied": [1, 2, 3], "applied_elsewhere": [], "dry_run": False, "direction": "up",
+                   "reverted": [], "repeatables": [], "drift": [], "lint": [], "retried": {}}
     assert versions(any_db) == [1, 2, 3]
     assert {"runs", "tags", VERSION_TABLE} <= tables(any_db)
     rows = any_db.query(f"SELECT version, name, checksum FROM {VERSION_TABLE} ORDER BY version")
@@ -77,7 +78,7 @@ def test_partial_then_head_and_target(any_db, migrations):
     assert plan(any_db, migrations).pending == migrations[1:]
     assert migrate(any_db, migrations, target=2)["applied"] == [2]
     assert migrate(any_db, migrations)["applied"] == [3]
-    with pytest.raises(MigrationError, match="down to 1 is not supported"):
+    with pytest.raises(MigrationError, match="0003_create_tags, 0002_add_score have no down migration. Write 0003_create_tags.down.sql"):
         plan(any_db, migrations, target=1)
 
 
@@ -166,7 +167,7 @@ def test_plan_and_outcome_are_artifacts(sqlite_db, migrations):
 
     found = {a.key: a.data for a in run_coro_as_sync(artifacts())}
     assert "0001_create_runs" not in found["migration-plan"]  # names and versions are columns
-    assert "| 1 | create_runs | yes |" in found["migration-plan"]
+    assert "| 1 | create_runs | up | yes |" in found["migration-plan"]
     assert "version **0** → **3**" in found["migration-outcome"]
 
 

@@ -35,6 +35,8 @@ class Engine(Protocol):
 
     def run_script(self, script: str) -> None: ...
 
+    def migration_lock(self, wait_s: float) -> AbstractContextManager[None]: ...
+
 
 __all__ = [
     "POSTGRES", "SQLITE", "Dialect", "Engine", "PostgresConnectOptions", "PostgresEngine", "PostgresTarget",

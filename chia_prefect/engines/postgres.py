@@ -28,12 +28,15 @@ from chia_prefect.errors import (
     ConfigurationError,
     ConnectionLostError,
     InvalidOperationError,
+    MigrationLockError,
     NodeConnectionError,
 )
 
 # Connecting again after the server turned the connection away: first pause, longest pause.
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 2.0
+# The advisory lock every migrator of a database takes.
+MIGRATION_LOCK_KEY = 1667786081
 # What libpq says when the server turns a connection away before any statement was sent,
 # and why (the connect-time errors carry no SQLSTATE in psycopg).
 _TURNED_AWAY = (
@@ -289,6 +292,32 @@ class PostgresEngine:
                 f"{self.label}: {exc.detail} while COMMIT was in flight, so the transaction may "
                 "or may not have been applied: check the data before running it again."
             ) from None
+
+    @contextmanager
+    def migration_lock(self, wait_s: float) -> Iterator[None]:
+        """Held by one migrator of this database at a time, for a whole migration, a
+        no-transaction one included: a session advisory lock on a connection of its own.
+        It is asked for with pg_try_advisory_lock between pauses, never in an open
+        transaction, so a waiting migrator holds no snapshot that a `CREATE INDEX
+        CONCURRENTLY` of the holder would wait for. It dies with the holder's session, so a
+        crashed migrator never blocks the next run. Waits at most `wait_s`."""
+        with self.connect() as conn:
+            deadline = time.monotonic() + wait_s
+            pause = 0.02
+            while not conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATION_LOCK_KEY,)).fetchone()[0]:
+                if time.monotonic() + pause > deadline:
+                    raise MigrationLockError(
+                        f"{self.label}: another migration of this database held its migration lock "
+                        f"(advisory lock {MIGRATION_LOCK_KEY}) for over {wait_s:g} s; nothing was applied. "
+                        "Let it finish, or raise lock_wait_s."
+                    )
+                time.sleep(pause)
+                pause = min(0.5, pause * 2)
+            try:
+                yield
+            finally:
+                if not conn.broken:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
 
     def fetch(self, sql: str, params: Any, limit: int | None) -> list[dict[str, Any]]:
         """Rows of one statement in a read-only session, as dicts; at most `limit` leave the server."""

@@ -13,6 +13,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -28,6 +29,7 @@ from chia_prefect._ui import optional_field
 from chia_prefect.engines.dialect import SQLITE
 from chia_prefect.errors import (
     DatabaseNotFoundError,
+    MigrationLockError,
     NetworkFilesystemError,
     StorageFullError,
     TransactionControlError,
@@ -173,6 +175,35 @@ class SQLiteEngine:
         finally:
             if owned:
                 os.close(fd)  # releases the lock
+
+    @contextmanager
+    def migration_lock(self, wait_s: float) -> Iterator[None]:
+        """Held by one migrator of this file at a time, for a whole migration, a
+        no-transaction one included: an exclusive flock on DB_PATH-migrations.lock beside
+        the database. The kernel drops it when the holder's process dies, so a crashed
+        migrator never blocks the next run; its unfinished transaction is rolled back by
+        SQLite when the file is next opened. Waits at most `wait_s`."""
+        self.ensure_database()
+        fd = os.open(f"{self.db_path}-migrations.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + wait_s
+            pause = 0.02
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() + pause > deadline:
+                        raise MigrationLockError(
+                            f"{self.label}: another migration of this database held its migration lock "
+                            f"({self.db_path}-migrations.lock) for over {wait_s:g} s; nothing was applied. "
+                            "Let it finish, or raise lock_wait_s."
+                        ) from None
+                    time.sleep(pause)
+                    pause = min(0.5, pause * 2)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def fetch(self, sql: str, params: Any, limit: int | None) -> list[dict[str, Any]]:
         """Rows of one statement on a read-only connection, as dicts, at most `limit`."""
