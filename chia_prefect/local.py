@@ -13,9 +13,15 @@ one before Ray does and export its URL; Ray workers inherit the environment.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from prefect_ray.task_runners import RayTaskRunner
+
+_LOCAL_RAY = {"address": "local", "num_cpus": 2, "include_dashboard": False}
+_start_lock = threading.Lock()
 
 
 def ship_by_value(module_name: str) -> None:
@@ -35,18 +41,33 @@ def ship_by_value(module_name: str) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
+class ProcessRayTaskRunner(RayTaskRunner[Any]):
+    """`RayTaskRunner` on this process's local Ray (2 CPUs): the first flow run that needs
+    it starts it, later flow runs of the process reuse it, and it stops when the process
+    exits. A script that calls `migrate` twice pays Ray's start once, and no flow run shuts
+    Ray down under another one's feet."""
+
+    def __enter__(self) -> Any:
+        import ray
+
+        with _start_lock:
+            if not ray.is_initialized():
+                ray.init(**self.init_kwargs)  # ray.init registers its own shutdown at exit
+        return super().__enter__()
+
+
 def ray_task_runner() -> Any:
-    """`RayTaskRunner` for RAY_ADDRESS when set, else a temporary local Ray (2 CPUs).
+    """`RayTaskRunner` for RAY_ADDRESS when set (other than "local"), else this process's
+    local Ray (2 CPUs), started by the first flow run and kept until the process exits.
 
     Ray already running in this process is used as it is.
     """
-    from prefect_ray.task_runners import RayTaskRunner
-
-    if os.environ.get("RAY_ADDRESS"):
-        return RayTaskRunner(address=os.environ["RAY_ADDRESS"])
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        return RayTaskRunner(address=address)
     # address="local" in init_kwargs, not as the runner's address: the runner would log
     # "Connecting to an existing Ray instance at local" just before it starts a new one.
-    return RayTaskRunner(init_kwargs={"address": "local", "num_cpus": 2, "include_dashboard": False})
+    return ProcessRayTaskRunner(init_kwargs=dict(_LOCAL_RAY))
 
 
 @contextmanager

@@ -403,3 +403,26 @@ def test_an_old_version_table_is_upgraded_in_place(sqlite_db, tmp_path):
     rows = sqlite_db.query(f"SELECT version, kind, applied_rank FROM {VERSION_TABLE} ORDER BY applied_rank")
     assert rows == [{"version": 1, "kind": "versioned", "applied_rank": 1},
                     {"version": 2, "kind": "versioned", "applied_rank": 2}]
+
+
+TWICE = """
+import sys
+from chia_prefect import SQLiteNode
+from chia_prefect.migrations import Migration, migrate
+
+with SQLiteNode(db_path=sys.argv[1]) as db:
+    first = migrate(db, [Migration(1, "a", "CREATE TABLE a (x INTEGER)")])
+    second = migrate(db, [Migration(1, "a", "CREATE TABLE a (x INTEGER)"), Migration(2, "b", "CREATE TABLE b (x INTEGER)")])
+    print("OUTCOMES", first["applied"], second["applied"])
+"""
+
+
+def test_a_script_without_ray_migrates_twice_on_one_local_ray(tmp_path):
+    # The first flow run starts the process's local Ray, the second reuses it; Ray stops at exit.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", TWICE, str(tmp_path / "twice.db")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "OUTCOMES [1] [2]" in out
+    assert out.count("Started a local Ray instance") == 1 and "core worker has already been shutdown" not in out

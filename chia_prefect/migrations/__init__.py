@@ -482,8 +482,8 @@ def migrate(
     """Apply pending migrations (or undo them down to `target`), then changed repeatables;
     each step with its version row and schema fingerprint in one transaction.
 
-    Runs on `RayTaskRunner` (the Ray already running in this process, RAY_ADDRESS, or a
-    temporary local one), so the node's members run where its placement says, also when
+    Runs on `RayTaskRunner` (the Ray already running in this process, RAY_ADDRESS, or the
+    process's local Ray, started by the first flow run and kept until exit), so the node's members run where its placement says, also when
     `migrate` is called inside another flow. `migrate.with_options(task_runner=...)` changes it.
 
     Args:
