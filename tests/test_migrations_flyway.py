@@ -220,14 +220,16 @@ def test_lint_flags_each_listed_statement_and_nothing_in_a_clean_set(any_db, tmp
                          "CREATE INDEX ix_tags_item ON tags (item_id);\n"
                          "DELETE FROM items WHERE price > 100;\n",
         "0004_stock.sql": "ALTER TABLE items ADD COLUMN stock INTEGER NOT NULL DEFAULT 0;\n",
-        "R__cheap.sql": "CREATE VIEW cheap AS SELECT id FROM items WHERE price < 2;\n",
+        "R__cheap.sql": "DROP VIEW IF EXISTS cheap;\nCREATE VIEW cheap AS SELECT id FROM items WHERE price < 2;\n",
     }
     if any_db.engine == "postgres":
         clean["0005_ix_label.sql"] = "-- chia: no-transaction\nCREATE INDEX CONCURRENTLY ix_items_label ON items (label);\n"
     folder = write(tmp_path / "clean", clean)
     assert _lint_rules(any_db, folder) == []
     migrate(any_db, load_migrations(folder), strict=True)
+    write(folder, {"R__cheap.sql": clean["R__cheap.sql"].replace("< 2", "< 3")})  # a changed view
     assert _lint_rules(any_db, folder) == []
+    migrate(any_db, load_migrations(folder), strict=True)
 
     head = len([n for n in clean if n[:4].isdigit()])
     risky = {

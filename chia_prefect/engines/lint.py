@@ -44,6 +44,7 @@ def lint_postgres(
 
     found: list[LintWarning] = []
     written: set[str] = set()  # tables an earlier pending statement inserted rows into
+    created: set[str] = set()  # tables an earlier pending statement created
     live_tables = {key.split(" ", 1)[1] for key in live if key.startswith("table ")}
 
     def has_rows(schema: str | None, name: str) -> bool:
@@ -70,9 +71,15 @@ def lint_postgres(
             def warn(rule: str, message: str) -> None:
                 found.append(LintWarning(label, index, rule, message))  # noqa: B023 - used at once
 
-            if kind == "DropStmt" and stmt.removeType == ObjectType.OBJECT_TABLE:
+            if kind == "CreateStmt":
+                created.add(stmt.relation.relname)
+            elif kind == "DropStmt" and stmt.removeType == ObjectType.OBJECT_TABLE:
                 for names in stmt.objects:
-                    warn("drop-table", f"DROP TABLE {'.'.join(n.sval for n in names)} destroys the table and its rows")
+                    parts = [n.sval for n in names]
+                    there = exists(parts[-2] if len(parts) > 1 else None, parts[-1]) or parts[-1] in created
+                    if stmt.missing_ok and not there:
+                        continue  # DROP TABLE IF EXISTS of a table that is not there
+                    warn("drop-table", f"DROP TABLE {'.'.join(parts)} destroys the table and its rows")
             elif kind == "TruncateStmt":
                 for rel in stmt.relations:
                     warn("truncate", f"TRUNCATE {_name(rel)} deletes every row")
@@ -166,14 +173,18 @@ def _sqlite_statement(scratch: sqlite3.Connection, statement: str) -> list[tuple
     for table in sorted(set(before) & set(after)):
         for column in sorted(before[table] - after[table]):
             out.append(("drop-column", f"ALTER TABLE {table} DROP COLUMN {column} destroys the column's data"))
-    if not out:
-        deleted = {name for action, name in touched if action == sqlite3.SQLITE_DELETE and name
-                   and not name.startswith("sqlite_")}
+    dropping = any(action in _SQLITE_DROPS for action, _ in touched)
+    if not out and not dropping:
+        # A DELETE of a table (not of the catalog, as DROP VIEW's) that reads none of it.
+        deleted = {name for action, name in touched if action == sqlite3.SQLITE_DELETE and name in before}
         read = {name for action, name in touched if action == sqlite3.SQLITE_READ}
         for table in sorted(deleted):
             if "Clear" in opcodes or table not in read:
                 out.append(("truncate", f"DELETE FROM {table} without WHERE deletes every row (SQLite's TRUNCATE)"))
     return out
+
+
+_SQLITE_DROPS = {getattr(sqlite3, name) for name in dir(sqlite3) if name.startswith("SQLITE_DROP_")}
 
 
 def _columns(conn: sqlite3.Connection) -> dict[str, set[str]]:

@@ -174,7 +174,8 @@ class MigrationPlan:
             lines += [f"  {m.version:>4}  {m.name}{_marks(m)}" for m in self.pending]
             lines += [f"     R  {m.name}{_marks(m)}   (repeatable: new or changed)" for m in self.repeatables]
         if self.drift:
-            lines.append(f"drift: the schema changed outside the migrations ({len(self.drift)} differences "
+            lines.append(f"drift: the schema changed outside the migrations ({len(self.drift)} "
+                         f"difference{'s' if len(self.drift) > 1 else ''} "
                          "from the fingerprint recorded after the last migration); migrate refuses it "
                          "unless --allow-drift:")
             lines += [f"  {d}" for d in self.drift]
