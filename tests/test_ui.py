@@ -238,7 +238,7 @@ def test_a_scheduled_deployment_run_shows_member_tasks_and_the_migration_artifac
     assert [sub["name"] for sub in subflows] and len(subflows) == 1, subflows
     sub = subflows[0]
     members = _recorded_task_runs(ui_server, sub["id"])
-    assert {"sqlite.init_schema", "sqlite.transaction", "sqlite.query"} <= members, members
+    assert {"sqlite.apply_migration", "sqlite.query"} <= members, members
 
     page.goto(f"{ui_server['url']}/deployments/deployment/{deployment_id}")
     page.get_by_role("link", name=run["name"]).first.click()
@@ -249,7 +249,7 @@ def test_a_scheduled_deployment_run_shows_member_tasks_and_the_migration_artifac
     page.wait_for_url(f"**/runs/flow-run/{sub['id']}**")
 
     page.get_by_text("Task Runs", exact=True).first.click()
-    for member in ("sqlite.init_schema", "sqlite.transaction"):
+    for member in ("sqlite.apply_migration", "sqlite.query"):
         expect(page.get_by_text(member).first).to_be_visible()
     page.get_by_text("Artifacts", exact=True).first.click()
     expect(page.get_by_text("migration-outcome").first).to_be_visible()
@@ -257,7 +257,7 @@ def test_a_scheduled_deployment_run_shows_member_tasks_and_the_migration_artifac
     page.screenshot(path=str(ARTIFACTS / "scheduled-run-artifacts.png"))
 
 
-def _recorded_task_runs(server, flow_run_id: str, last: str = "sqlite.transaction") -> set[str]:
+def _recorded_task_runs(server, flow_run_id: str, last: str = "sqlite.apply_migration") -> set[str]:
     """Names (without the run suffix) of the flow run's task runs, once the API has them all:
     workers report them as events, recorded a moment after the flow run completes."""
     def names() -> set[str] | None:
