@@ -88,6 +88,38 @@ def sqlite_transaction(db_path: str, n_ops: int) -> float:
 
 
 @flow
+def sqlite_read(db_path: str, repeat: int) -> dict[str, float]:
+    """`query` of every row of `t` (made by make_read_db), as dicts: the median member call,
+    and one member's latency (a one-row query) to subtract."""
+    with SQLiteNode(db_path=db_path) as db:
+        db.query_value("SELECT 1")  # a warm worker in the node's placement group
+        whole, one = [], []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            rows = db.query(READ_SQL)
+            whole.append(time.perf_counter() - start)
+            assert len(rows) > 0 and isinstance(rows[0], dict)
+            start = time.perf_counter()
+            db.query("SELECT id, name, score, tag FROM t WHERE id = 1")
+            one.append(time.perf_counter() - start)
+        return {"member": statistics.median(whole), "one_row": statistics.median(one)}
+
+
+READ_SQL = "SELECT id, name, score, tag FROM t ORDER BY id"
+
+
+def make_read_db(db_path: str, n_rows: int) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(db_path)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT, score REAL, tag TEXT)")
+    conn.executemany("INSERT INTO t VALUES (?, ?, ?, ?)",
+                     ((i, f"name-{i}", i * 0.5, f"tag-{i % 17}") for i in range(n_rows)))
+    conn.commit()
+    conn.close()
+
+
+@flow
 def postgres_ingest(block: str, n_rows: int) -> dict[str, float]:
     rows = make_rows(n_rows)
     db = PostgresNode.load(block)

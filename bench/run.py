@@ -50,6 +50,7 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "key_sqlite_execute_vs_unkeyed": ("SQLite execute with an idempotency key / without (sequential)", 1.1, "max"),
     "key_postgres_execute_vs_unkeyed": ("Postgres execute with an idempotency key / without (sequential)", 1.1, "max"),
     "key_transaction_1000_vs_unkeyed": ("SQLite transaction of 1,000 ops with a key / without", 1.1, "max"),
+    "query_100k_vs_raw": ("query of 100k rows as dicts on Ray / raw sqlite3 building the same dicts", 1.5, "max"),
 }
 
 
@@ -230,6 +231,24 @@ def bench_transaction(work: Path, n_ops: int, repeat: int) -> dict[str, float]:
     return {"ops": n_ops, "raw": raw, "member": member}
 
 
+def bench_reads(work: Path, n_rows: int, repeat: int) -> dict[str, Any]:
+    path = str(work / "reads.db")
+    bf.make_read_db(path, n_rows)
+
+    def raw() -> float:
+        start = time.perf_counter()
+        conn = sqlite3.connect(path)
+        cur = conn.execute(bf.READ_SQL)
+        names = [c[0] for c in cur.description]
+        rows = [dict(zip(names, row)) for row in cur.fetchall()]
+        conn.close()
+        assert len(rows) == n_rows
+        return time.perf_counter() - start
+
+    member = bf.sqlite_read.with_options(task_runner=FastRayTaskRunner())(path, max(3, repeat))
+    return {"rows": n_rows, "raw": median_of(max(3, repeat), raw), **member}
+
+
 def bench_postgres(dsn: str, n_rows: int, repeat: int) -> dict[str, Any]:
     import psycopg
 
@@ -302,6 +321,9 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     if {"latency", "sqlite_ingest", "transaction", "postgres", "small_flow", "writers"} <= set(r):
         out.update(_full_run_ratios(r))
+    if "reads" in r:
+        out["query_100k_vs_raw"] = r["reads"]["member"] / r["reads"]["raw"]
+        out["query_100k_minus_latency_vs_raw"] = (r["reads"]["member"] - r["reads"]["one_row"]) / r["reads"]["raw"]
     keyed = r.get("keyed", {})
     for engine in ("sqlite", "postgres"):
         if f"{engine}_execute" in keyed:
@@ -410,14 +432,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not the figures")
     parser.add_argument("--out", default=str(BENCH / "results" / "bench.json"))
     parser.add_argument("--only", help="comma-separated steps to run (latency, sqlite_ingest, transaction, "
-                        "postgres, keyed, small_flow, writers); the report then shows what they measured")
+                        "reads, postgres, keyed, small_flow, writers); the report then shows what they measured")
     args = parser.parse_args()
     if args.quick:
         sizes = {"seq": 10, "parallel": 20, "ingest": {"100k": 20_000}, "pg_rows": 20_000, "ops": 200,
-                 "repeat": 1, "per_writer": 25}
+                 "repeat": 1, "per_writer": 25, "read_rows": 20_000}
     else:
         sizes = {"seq": 30, "parallel": 100, "ingest": {"100k": 100_000, "1M": 1_000_000}, "pg_rows": 100_000,
-                 "ops": 1000, "repeat": 3, "per_writer": 250}
+                 "ops": 1000, "repeat": 3, "per_writer": 250, "read_rows": 100_000}
     work = Path(tempfile.mkdtemp(prefix="chia-bench-"))
     import ray
 
@@ -434,6 +456,7 @@ def main() -> None:
                     ("latency", lambda: bench_latency(work, sizes["seq"], sizes["parallel"])),
                     ("sqlite_ingest", lambda: bench_sqlite_ingest(work, sizes["ingest"], sizes["repeat"])),
                     ("transaction", lambda: bench_transaction(work, sizes["ops"], sizes["repeat"])),
+                    ("reads", lambda: bench_reads(work, sizes["read_rows"], sizes["repeat"])),
                     ("postgres", lambda: bench_postgres(dsn, sizes["pg_rows"], sizes["repeat"])),
                     ("keyed", lambda: bench_keyed(work, dsn, sizes["seq"], sizes["ops"], sizes["repeat"])),
                     ("small_flow", lambda: bench_small_flow(work, 1 if args.quick else 2)),
