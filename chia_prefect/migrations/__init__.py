@@ -36,7 +36,7 @@ import ast
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -308,9 +308,8 @@ def _exists(node: DatabaseNode) -> bool:
 
 
 def _history(node: DatabaseNode) -> list[dict[str, Any]]:
-    """Every row of the version table, in the order applied; old layouts filled in."""
-    if not _exists(node):
-        return []
+    """Every row of the version table of a database that exists, in the order applied;
+    old layouts filled in."""
     try:
         exists = node.query_value(node.dialect.table_exists_sql, (VERSION_TABLE,))
     except DatabaseNotFoundError:
@@ -353,21 +352,21 @@ def plan(
     """Compare the database with `migrations`; refuse what cannot be applied; find drift
     and lint what would run. Writes nothing."""
     versioned, repeatables, _ = _split(list(migrations))
-    history = _history(node)
-    live = live_schema(node)
+    there = _exists(node)  # asked once: each member call is a task run
+    history = _history(node) if there else []
+    live = fingerprint_rows(node.query(node.dialect.fingerprint_sql)) if there else {}
     the_plan = _plan(history, versioned, repeatables, target)
     recorded = next((row["fingerprint"] for row in reversed(history) if row.get("fingerprint")), None)
-    drift = schema_diff(json.loads(recorded), live) if recorded else []
     warnings: list[LintWarning] = []
     skipped: list[str] = []
     if lint and the_plan.steps:
-        warnings, skipped = _lint(node, the_plan, live)
+        warnings, skipped = _lint(node, the_plan, live, there)
     note = ""
     if node.dialect.lock_timeout_sql:
         note = (f"Postgres: each step runs with lock_timeout {lock_timeout_s:g} s and is retried up to "
                 f"{lock_retries} times with backoff when a lock does not come in time.")
-    return MigrationPlan(the_plan.current, the_plan.target, the_plan.pending, history, the_plan.direction,
-                         the_plan.repeatables, drift, warnings, skipped, note)
+    return replace(the_plan, applied=history, drift=schema_diff(json.loads(recorded), live) if recorded else [],
+                   lint=warnings, not_linted=skipped, lock_note=note)
 
 
 def _plan(history: list[dict[str, Any]], migrations: list[Migration], repeatables: list[Migration],
@@ -415,7 +414,8 @@ def _plan(history: list[dict[str, Any]], migrations: list[Migration], repeatable
                          repeatables=changed)
 
 
-def _lint(node: DatabaseNode, the_plan: MigrationPlan, live: dict[str, str]) -> tuple[list[LintWarning], list[str]]:
+def _lint(node: DatabaseNode, the_plan: MigrationPlan, live: dict[str, str],
+          there: bool) -> tuple[list[LintWarning], list[str]]:
     items: list[tuple[str, str]] = []
     skipped: list[str] = []
     bodies = [(m.label, m.down_body() if the_plan.direction == "down" else m.body()) for m in the_plan.pending]
@@ -431,7 +431,7 @@ def _lint(node: DatabaseNode, the_plan: MigrationPlan, live: dict[str, str]) -> 
         return [], skipped
 
     def read(sql: str) -> list[dict[str, Any]]:
-        return node.query(sql) if _exists(node) else []
+        return node.query(sql) if there else []
 
     return node.dialect.lint(items, read, live), skipped
 
@@ -451,18 +451,19 @@ def _steps(node: DatabaseNode, the_plan: MigrationPlan, callbacks: dict[str, Mig
         steps += [Step("up", m.version, m.name, m.label, m.checksum, m.body(), **lock) for m in the_plan.pending]
         steps += [Step("repeatable", None, m.name, m.label, m.checksum, m.body(), **lock)
                   for m in the_plan.repeatables]
-    each_before = tuple(callbacks[c].body() for c in ("before_each_migrate",) if c in callbacks)
-    each_after = tuple(callbacks[c].body() for c in ("after_each_migrate",) if c in callbacks)
+
+    def bodies(*names: str) -> tuple[Body, ...]:
+        return tuple(callbacks[name].body() for name in names if name in callbacks)
+
     out = []
     for index, step in enumerate(steps):
         if not step.body.transactional:
             out.append(step)  # runs alone: callbacks need a transaction
             continue
-        first = tuple(callbacks["before_migrate"].body() for _ in (0,) if index == 0 and "before_migrate" in callbacks)
-        last = tuple(callbacks["after_migrate"].body() for _ in (0,)
-                     if index == len(steps) - 1 and "after_migrate" in callbacks)
-        out.append(Step(step.action, step.version, step.name, step.label, step.checksum, step.body,
-                        first + each_before, each_after + last, **lock))
+        first = ("before_migrate",) if index == 0 else ()
+        last = ("after_migrate",) if index == len(steps) - 1 else ()
+        out.append(replace(step, before=bodies(*first, "before_each_migrate"),
+                           after=bodies("after_each_migrate", *last)))
     return out
 
 
