@@ -134,11 +134,23 @@ def kill_mid_write(db: DatabaseNode, sql: str, trials: int, retries: int) -> lis
     return outcomes
 
 
-def task_run_state(task_run_id: str) -> str:
+FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def task_run_state(task_run_id: str, timeout: float = 30.0) -> str:
+    """The task run's state once it is final. A worker reports its states as events, which
+    the server records a moment later: a read right after the call returned can still see
+    RUNNING. After `timeout`, the last state read (so a run stuck in RUNNING fails the test)."""
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as client:
-        return client.read_task_run(task_run_id).state.type.value
+    def read() -> str:
+        with get_client(sync_client=True) as client:
+            return client.read_task_run(task_run_id).state.type.value
+
+    deadline = time.monotonic() + timeout
+    while (state := read()) not in FINAL_STATES and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return state
 
 
 def _count(db: DatabaseNode) -> int:
