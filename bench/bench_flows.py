@@ -77,14 +77,26 @@ def sqlite_ingest(db_path: str, n_rows: int) -> float:
 
 
 @flow
-def sqlite_transaction(db_path: str, n_ops: int) -> float:
+def sqlite_transaction(db_path: str, n_ops: int) -> dict[str, float]:
+    """A `transaction` of n_ops single-row inserts, and one member's latency to subtract:
+    the median of five one-op transactions."""
     ops = [("INSERT INTO t (id, name, value) VALUES (?, ?, ?)", (i, f"op-{i}", float(i))) for i in range(n_ops)]
     with SQLiteNode(db_path=db_path) as db:
         db.init_schema(SCHEMA)
         db.query_value("SELECT 1")  # a warm worker in the node's placement group
+        one_op = statistics.median(
+            _timed(lambda i=i: db.transaction([(INSERT, (-1 - i, "one", 0.0))])) for i in range(5))
         start = time.perf_counter()
         assert len(db.transaction(ops)) == n_ops
-        return time.perf_counter() - start
+        return {"member": time.perf_counter() - start, "one_op": one_op}
+
+
+@flow
+def thread_noop_latency(sequential: int) -> float:
+    """Median sequential latency of a no-op task on the flow's runner (the thread runner)."""
+    for _ in range(3):
+        noop.submit().result()
+    return statistics.median(_timed(lambda: noop.submit().result()) for _ in range(sequential))
 
 
 @flow

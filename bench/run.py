@@ -41,8 +41,13 @@ RUNNERS = {"stock": RayTaskRunner, "ours": FastRayTaskRunner}
 TARGETS: dict[str, tuple[str, float, str]] = {
     "member_seq_vs_stock_noop": ("member sequential latency, our runner / no-op task on stock runner", 0.2, "max"),
     "member_vs_noop_same_runner": ("member / bare no-op task, both on our runner (sequential)", 1.1, "max"),
-    "sqlite_100k_vs_raw": ("executemany 100k rows on Ray / raw sqlite3 in-process", 1.5, "max"),
-    "sqlite_1m_vs_raw": ("executemany 1M rows on Ray / raw sqlite3 in-process", 1.3, "max"),
+    "member_seq_vs_parts": ("member sequential latency / (bare ray.remote + thread-runner no-op task)", 1.5, "max"),
+    "parallel_member_vs_noop_ours": ("100 members at once / 100 no-op tasks at once, same runner", 1.2, "max"),
+    "transaction_1000_minus_latency_vs_raw": ("(transaction of 1,000 ops - one member's latency) / raw sqlite3",
+                                              2.0, "max"),
+    "sqlite_100k_vs_raw": ("executemany 100k rows on Ray / raw sqlite3 in-process", 1.3, "max"),
+    "sqlite_1M_vs_raw": ("executemany 1M rows on Ray / raw sqlite3 in-process", 1.1, "max"),
+    "postgres_copy_vs_raw_copy": ("Postgres copy_rows 100k / raw psycopg COPY", 1.2, "max"),
     "small_flow_speedup": ("small flow: prefect-sqlalchemy time / ours (same runner)", 1.5, "min"),
     "copy_vs_psycopg_executemany": ("psycopg executemany 100k / our COPY member 100k", 3.0, "min"),
     "writers_8_vs_1": ("8 concurrent SQLite writers' throughput / one writer's", 0.9, "min"),
@@ -196,6 +201,10 @@ def bench_latency(work: Path, n_seq: int, n_par: int) -> dict[str, Any]:
     start = time.perf_counter()
     ray.get([bare.remote(i) for i in range(n_par)])
     out["bare_ray"] = {"seq": statistics.median(seq), "par": time.perf_counter() - start}
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    wait_until_quiet()
+    out["thread_noop_seq"] = bf.thread_noop_latency.with_options(task_runner=ThreadPoolTaskRunner())(n_seq)
     return out
 
 
@@ -227,8 +236,9 @@ def bench_sqlite_ingest(work: Path, sizes: dict[str, int], repeat: int) -> dict[
 def bench_transaction(work: Path, n_ops: int, repeat: int) -> dict[str, float]:
     flow = bf.sqlite_transaction.with_options(task_runner=FastRayTaskRunner())
     raw = median_of(repeat, lambda: raw_sqlite_transaction(str(work / f"raw-tx-{time.monotonic_ns()}.db"), n_ops))
-    member = median_of(repeat, lambda: flow(str(work / f"member-tx-{time.monotonic_ns()}.db"), n_ops))
-    return {"ops": n_ops, "raw": raw, "member": member}
+    runs = [flow(str(work / f"member-tx-{time.monotonic_ns()}.db"), n_ops) for _ in range(repeat)]
+    return {"ops": n_ops, "raw": raw, "member": statistics.median(r["member"] for r in runs),
+            "one_op": statistics.median(r["one_op"] for r in runs)}
 
 
 def bench_reads(work: Path, n_rows: int, repeat: int) -> dict[str, Any]:
@@ -345,7 +355,10 @@ def _full_run_ratios(r: dict[str, Any]) -> dict[str, float]:
         "parallel_noop_ours_vs_stock": lat["ours"]["noop_par"] / lat["stock"]["noop_par"],
         "parallel_member_ours_vs_stock_noop": lat["ours"]["member_par"] / lat["stock"]["noop_par"],
         "parallel_member_vs_noop_ours": lat["ours"]["member_par"] / lat["ours"]["noop_par"],
+        "member_seq_vs_parts": lat["ours"]["member_seq"] / (lat["bare_ray"]["seq"] + lat["thread_noop_seq"]),
         "transaction_1000_vs_raw": r["transaction"]["member"] / r["transaction"]["raw"],
+        "transaction_1000_minus_latency_vs_raw":
+            (r["transaction"]["member"] - r["transaction"]["one_op"]) / r["transaction"]["raw"],
         "postgres_executemany_vs_raw": pg["member_executemany"] / pg["raw_executemany"],
         "postgres_copy_vs_raw_copy": pg["member_copy"] / pg["raw_copy"],
         "copy_vs_psycopg_executemany": pg["raw_executemany"] / pg["member_copy"],
@@ -385,6 +398,7 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  no-op task, {name:<6} runner  {lat[name]['noop_seq'] * 1e3:9.1f}   {lat[name]['noop_par'] * 1e3:10.0f}")
         print(f"  member,     {name:<6} runner  {lat[name]['member_seq'] * 1e3:9.1f}   {lat[name]['member_par'] * 1e3:10.0f}")
     print(f"  bare ray.remote             {lat['bare_ray']['seq'] * 1e3:9.1f}   {lat['bare_ray']['par'] * 1e3:10.0f}")
+    print(f"  no-op task, thread runner   {lat['thread_noop_seq'] * 1e3:9.1f}")
     print("\nseconds")
     for label, data in r["sqlite_ingest"].items():
         print(f"  sqlite executemany {label:>5}: member {data['member']:.3f}  raw sqlite3 {data['raw']:.3f}")
@@ -394,7 +408,12 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{m['worker_peak_delta'] / 2**20:.0f}; raw process {m['peak_delta'] / 2**20:.0f} "
                   f"(rows alone {m['rows_bytes'] / 2**20:.0f})")
     t = r["transaction"]
-    print(f"  sqlite transaction of {t['ops']} ops: member {t['member']:.3f}  raw {t['raw']:.3f}")
+    print(f"  sqlite transaction of {t['ops']} ops: member {t['member']:.3f} (one op {t['one_op']:.3f})  "
+          f"raw {t['raw']:.3f}")
+    if "reads" in r:
+        rd = r["reads"]
+        print(f"  sqlite query of {rd['rows']} rows as dicts: member {rd['member']:.3f} (one row "
+              f"{rd['one_row']:.3f})  raw sqlite3 {rd['raw']:.3f}")
     pg = r["postgres"]
     print(f"  postgres {pg['rows']} rows: member executemany {pg['member_executemany']:.3f}, member COPY "
           f"{pg['member_copy']:.3f}; raw executemany {pg['raw_executemany']:.3f}, raw COPY {pg['raw_copy']:.3f}")

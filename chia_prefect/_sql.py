@@ -339,15 +339,31 @@ def first_value(rows: list[dict[str, Any]], default: Any) -> Any:
 # --- results ------------------------------------------------------------------------
 
 
-def fetch_dicts(cursor: Any, limit: int | None = None) -> list[dict[str, Any]]:
-    """Rows of the cursor's current result as dicts; at most `limit` are fetched."""
+@dataclass(frozen=True)
+class RowTable:
+    """A result as the driver gave it: the column names once, the rows as tuples."""
+
+    names: list[str]
+    rows: list[Any]
+
+    def dicts(self) -> list[dict[str, Any]]:
+        names = self.names
+        return [dict(zip(names, row)) for row in self.rows]
+
+
+def fetch_table(cursor: Any, limit: int | None = None) -> RowTable:
+    """The cursor's current result; at most `limit` rows are fetched."""
     if cursor.description is None:
-        return []
+        return RowTable([], [])
     names = [column[0] for column in cursor.description]
     if limit == 0:  # fetchmany(0) means "arraysize" to some drivers
-        return []
-    rows = cursor.fetchall() if limit is None else cursor.fetchmany(limit)
-    return [dict(zip(names, row)) for row in rows]
+        return RowTable(names, [])
+    return RowTable(names, cursor.fetchall() if limit is None else cursor.fetchmany(limit))
+
+
+def fetch_dicts(cursor: Any, limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows of the cursor's current result as dicts; at most `limit` are fetched."""
+    return fetch_table(cursor, limit).dicts()
 
 
 def check_limit(limit: object) -> int | None:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, Valid
 from chia_prefect import idempotency
 from chia_prefect._sql import (
     ExecResult,
+    RowTable,
     check_limit,
     check_rows,
     check_single_params,
@@ -44,6 +45,7 @@ from chia_prefect.engines.dialect import Dialect
 from chia_prefect.errors import ConfigurationError, InvalidOperationError
 from chia_prefect.idempotency import WriteOutcome
 from chia_prefect.members import Member, abstract_member, read, reservations, write
+from chia_prefect.members.binding import dict_rows
 from chia_prefect.members.placement import Placement, PlacementState, ray_options
 
 # The catalog logos ship in the package (chia_prefect/static) and are served from the repository.
@@ -181,7 +183,7 @@ class DatabaseNode(Block, ABC):
         self, sql: str, params: tuple[Any, ...] | dict[str, Any] = (), *, limit: int | None = None, connect_opts: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
         """Rows as dicts, at most `limit` fetched; the connection refuses writes."""
-        return self._fetch(sql, params, check_limit(limit), connect_opts)
+        return dict_rows(self._fetch_table(sql, params, check_limit(limit), connect_opts))
 
     @read
     def query_one(
@@ -286,9 +288,13 @@ class DatabaseNode(Block, ABC):
                                        where="a script given an idempotency key (it runs in the key's transaction)")
             keyed.execute(statement)
 
-    @abstractmethod
     def _fetch(self, sql: str, params: Any, limit: int | None, connect_opts: dict[str, Any] | None) -> list[dict[str, Any]]:
         """Rows of one read-only statement as dicts, at most `limit` of them."""
+        return self._fetch_table(sql, params, limit, connect_opts).dicts()
+
+    @abstractmethod
+    def _fetch_table(self, sql: str, params: Any, limit: int | None, connect_opts: dict[str, Any] | None) -> RowTable:
+        """As `_fetch`, the rows as tuples under their column names."""
 
     @abstractmethod
     def _run_script(self, script: str, connect_opts: dict[str, Any] | None) -> None:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
-from chia_prefect._sql import ExecResult, check_rows, validate_identifier, validate_type_decl
+from chia_prefect._sql import ExecResult, RowTable, check_rows, validate_identifier, validate_type_decl
 from chia_prefect._ui import optional_field
 from chia_prefect.base import LOGO_BASE_URL, DatabaseNode, idempotency_retention_field
 from chia_prefect.engines.dialect import POSTGRES, Dialect
@@ -133,10 +133,8 @@ class PostgresNode(DatabaseNode):
         with self._named():
             return self.target().identity()
 
-    def _fetch(
-        self, sql: str, params: Any, limit: int | None, connect_opts: dict[str, Any] | None
-    ) -> list[dict[str, Any]]:
-        return self.engine_for(connect_opts).fetch(sql, params, limit)
+    def _fetch_table(self, sql: str, params: Any, limit: int | None, connect_opts: dict[str, Any] | None) -> RowTable:
+        return self.engine_for(connect_opts).fetch_table(sql, params, limit)
 
     def _check_paramstyle(self, sql: object, params: object, where: str) -> None:
         check_paramstyle(sql, params, where)

@@ -11,9 +11,11 @@ model and two API clients, each loading the CA bundle. None of that changes betw
 of a flow run. This runner keeps:
 
 - on the driver, the serialised settings per settings object (a new object, e.g. from
-  `temporary_settings`, gets a new entry), put once in Ray's object store;
+  `temporary_settings`, gets a new entry) and the flow run's serialised context per flow
+  run, each put once in Ray's object store;
 - one remote function for all tasks (Ray options are applied per call);
-- on each worker, the hydrated settings per driver entry, and one API client per
+- on each worker, the hydrated settings and the serialised flow run context per driver
+  entry (each task still hydrates its own context from it), and one API client per
   (API URL, key, auth) it has talked to.
 
 With no `PREFECT_API_URL` the driver runs a temporary Prefect server; workers on the same
@@ -35,6 +37,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, cast
 
 from prefect.context import (
@@ -84,6 +87,20 @@ _SETTINGS_CACHE_SIZE = 16
 
 _fast_path_ok: bool | None = None
 _fast_path_lock = threading.Lock()
+
+# The task run a Ray task of this runner runs at its top level, while it runs.
+_top_task_run: ContextVar[uuid.UUID | None] = ContextVar("chia_top_task_run", default=None)
+
+
+def result_leaves_pickled() -> bool:
+    """Whether the current task run's return value leaves this process pickled: it runs at
+    the top of a `FastRayTaskRunner` task on a Ray worker (not nested in another task there),
+    so its result may travel as an object that unpickles as the value."""
+    top = _top_task_run.get()
+    if top is None:
+        return False
+    ctx = TaskRunContext.get()
+    return ctx is not None and ctx.task_run.id == top
 
 
 def _missing_internals() -> list[str]:
@@ -172,16 +189,55 @@ def _settings_entry(ray: Any) -> _SettingsEntry:
         return entry
 
 
+class _FlowContextEntry:
+    __slots__ = ("context", "flow_run", "key", "parameters", "ref", "result_store")
+
+    def __init__(self, context: EngineContext, key: str, ref: Any) -> None:
+        self.context, self.key, self.ref = context, key, ref
+        self.flow_run = getattr(context, "flow_run", None)
+        self.parameters = getattr(context, "parameters", None)
+        self.result_store = getattr(context, "result_store", None)
+
+    def matches(self, context: EngineContext) -> bool:
+        return (self.context is context and self.flow_run is getattr(context, "flow_run", None)
+                and self.parameters is getattr(context, "parameters", None)
+                and self.result_store is getattr(context, "result_store", None))
+
+
+_driver_flow_contexts: OrderedDict[tuple[int, str], _FlowContextEntry] = OrderedDict()
+
+
+def _flow_context_entry(ray: Any, flow_run_context: EngineContext | None) -> tuple[str, Any] | None:
+    """The flow run's serialised context, put in Ray's object store once per flow run (and
+    Ray job). Serialising it per task cost ~2 ms: the result store's storage block renders
+    its JSON schema each time, and the flow travels pickled with every task."""
+    if flow_run_context is None:
+        return None
+    job = ray.get_runtime_context().get_job_id()
+    cache_key = (id(flow_run_context), job)
+    with _driver_lock:
+        entry = _driver_flow_contexts.get(cache_key)
+        if entry is not None and entry.matches(flow_run_context):
+            _driver_flow_contexts.move_to_end(cache_key)
+            return entry.key, entry.ref
+        # The entry keeps the context alive, so `id` is not reused while cached.
+        entry = _FlowContextEntry(flow_run_context, uuid.uuid4().hex, ray.put(flow_run_context.serialize()))
+        _driver_flow_contexts[cache_key] = entry
+        while len(_driver_flow_contexts) > _SETTINGS_CACHE_SIZE:
+            _driver_flow_contexts.popitem(last=False)
+        return entry.key, entry.ref
+
+
 def _serialize_context_without_settings(asset_ctx_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`prefect.context.serialize_context` minus the settings, which travel cached."""
+    """`prefect.context.serialize_context` minus the settings and the flow run's context,
+    which travel cached (the caller fills in neither)."""
     from prefect.context import _deployment_id, _deployment_parameters
 
-    flow_run_context = EngineContext.get()
     task_run_context = TaskRunContext.get()
     tags_context = TagsContext.get()
     deployment_id = _deployment_id.get()
     return {
-        "flow_run_context": flow_run_context.serialize() if flow_run_context else {},
+        "flow_run_context": {},
         "task_run_context": task_run_context.serialize() if task_run_context else {},
         "tags_context": tags_context.serialize() if tags_context else {},
         "settings_context": {},
@@ -230,6 +286,7 @@ class FastRayTaskRunner(RayTaskRunner[Any]):
             "task": task, "task_run_id": task_run_id, "task_inputs": task_inputs, "copy_to_child_ctx": True,
         })
         settings = _settings_entry(ray)
+        flow_context = _flow_context_entry(ray, EngineContext.get())
         parameters, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
         options = dict(RemoteOptionsContext.get().current_remote_options or {})
         options["name"] = task.name
@@ -244,6 +301,7 @@ class FastRayTaskRunner(RayTaskRunner[Any]):
             # Nested in a tuple, the reference is not resolved by Ray: a worker fetches it
             # only the first time it sees the key.
             settings=(settings.key, settings.ref),
+            flow_context=flow_context,
         )
         return PrefectRayFuture(task_run_id=task_run_id, wrapped_future=object_ref)
 
@@ -271,6 +329,7 @@ def add_exit_hook(hook: Callable[[Any], None]) -> None:
 # ---------------------------------------------------------------- worker side
 
 _worker_settings: OrderedDict[str, SettingsContext] = OrderedDict()
+_worker_flow_contexts: OrderedDict[str, dict[str, Any]] = OrderedDict()
 _worker_clients: dict[tuple[Any, ...], SyncClientContext] = {}
 _worker_lock = threading.Lock()
 
@@ -300,6 +359,24 @@ def _worker_settings_context(key: str, ref: Any) -> SettingsContext:
         while len(_worker_settings) > _SETTINGS_CACHE_SIZE:
             _worker_settings.popitem(last=False)
     return settings_ctx
+
+
+def _worker_flow_context(key: str, ref: Any) -> dict[str, Any]:
+    """The flow run's serialised context, fetched the first time this worker sees its key.
+    Each task hydrates a new context from it, as from the stock runner's copy."""
+    with _worker_lock:
+        cached = _worker_flow_contexts.get(key)
+        if cached is not None:
+            _worker_flow_contexts.move_to_end(key)
+            return cached
+    import ray
+
+    serialized: dict[str, Any] = ray.get(ref)
+    with _worker_lock:
+        _worker_flow_contexts[key] = serialized
+        while len(_worker_flow_contexts) > _SETTINGS_CACHE_SIZE:
+            _worker_flow_contexts.popitem(last=False)
+    return serialized
 
 
 def _worker_client(settings_ctx: SettingsContext) -> SyncClientContext | None:
@@ -332,6 +409,7 @@ def _run_prefect_task_fast(
     context: dict[str, Any],
     settings: tuple[str, Any],
     parameters: dict[str, Any],
+    flow_context: tuple[str, Any] | None = None,
     wait_for: Iterable[PrefectFuture[Any]] | None = None,
     dependencies: dict[str, set[Any]] | None = None,
 ) -> Any:
@@ -339,6 +417,8 @@ def _run_prefect_task_fast(
     import ray
 
     settings_ctx = _worker_settings_context(*settings)
+    if flow_context is not None:
+        context = {**context, "flow_run_context": _worker_flow_context(*flow_context)}
     parameters = visit_collection(
         parameters, visit_fn=lambda x: ray.get(x) if isinstance(x, ray.ObjectRef) else x, return_data=True
     )
@@ -347,6 +427,7 @@ def _run_prefect_task_fast(
         "dependencies": dependencies, "context": context, "return_type": "state",
     }
     settings_token = SettingsContext.__var__.set(settings_ctx)
+    top_token = _top_task_run.set(task_run_id)
     try:
         with _events_sent_to(settings_ctx):
             client_ctx = _worker_client(settings_ctx)
@@ -359,6 +440,7 @@ def _run_prefect_task_fast(
                 if client_token is not None:
                     SyncClientContext.__var__.reset(client_token)
     finally:
+        _top_task_run.reset(top_token)
         SettingsContext.__var__.reset(settings_token)
 
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from chia_prefect._sql import ExecResult, validate_identifier, validate_type_decl
+from chia_prefect._sql import ExecResult, RowTable, validate_identifier, validate_type_decl
 from chia_prefect._ui import optional_field
 from chia_prefect.base import LOGO_BASE_URL, DatabaseNode, idempotency_retention_field
 from chia_prefect.engines.dialect import SQLITE, Dialect
@@ -117,10 +117,8 @@ class SQLiteNode(DatabaseNode):
         """The driver for this file with the block's options and a call's overrides applied."""
         return SQLiteEngine(self.db_path, self.resolve_connect_opts(connect_opts), self.label)
 
-    def _fetch(
-        self, sql: str, params: Any, limit: int | None, connect_opts: dict[str, Any] | None
-    ) -> list[dict[str, Any]]:
-        return self.engine_for(connect_opts).fetch(sql, params, limit)
+    def _fetch_table(self, sql: str, params: Any, limit: int | None, connect_opts: dict[str, Any] | None) -> RowTable:
+        return self.engine_for(connect_opts).fetch_table(sql, params, limit)
 
     def _run_script(self, script: str, connect_opts: dict[str, Any] | None) -> None:
         self.engine_for(connect_opts).run_script(script)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from chia_prefect._sql import ExecResult
+from chia_prefect._sql import ExecResult, RowTable
 from chia_prefect.engines.dialect import POSTGRES, SQLITE, Dialect
 from chia_prefect.engines.postgres import PostgresConnectOptions, PostgresEngine, PostgresTarget
 from chia_prefect.engines.sqlite import SQLiteConnectOptions, SQLiteEngine
@@ -30,6 +30,8 @@ class Engine(Protocol):
     def atomic(self) -> AbstractContextManager[Any]: ...
 
     def fetch(self, sql: str, params: Any, limit: int | None) -> list[dict[str, Any]]: ...
+
+    def fetch_table(self, sql: str, params: Any, limit: int | None) -> RowTable: ...
 
     def run_one(self, cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult: ...
 

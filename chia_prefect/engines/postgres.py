@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from chia_prefect._sql import ExecResult, check_single_params, fetch_dicts
+from chia_prefect._sql import ExecResult, RowTable, check_single_params, fetch_dicts, fetch_table
 from chia_prefect._ui import optional_field
 from chia_prefect.engines.dialect import POSTGRES
 from chia_prefect.errors import (
@@ -321,14 +321,18 @@ class PostgresEngine:
 
     def fetch(self, sql: str, params: Any, limit: int | None) -> list[dict[str, Any]]:
         """Rows of one statement in a read-only session, as dicts; at most `limit` leave the server."""
+        return self.fetch_table(sql, params, limit).dicts()
+
+    def fetch_table(self, sql: str, params: Any, limit: int | None) -> RowTable:
+        """As `fetch`, the rows as tuples under their column names."""
         check_single_params(params, "query")
         check_paramstyle(sql, params, "query")
         with self.connect(read_only=True) as conn:
             cur = conn.cursor()
             if limit is None:
                 cur.execute(sql, params or None, prepare=True)
-                return fetch_dicts(cur)
-            return _stream_dicts(cur, sql, params or None, limit)
+                return fetch_table(cur)
+            return _stream_table(cur, sql, params or None, limit)
 
     @staticmethod
     def run_one(cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
@@ -388,11 +392,11 @@ def check_paramstyle(sql: object, params: object, where: str) -> None:
     )
 
 
-def _stream_dicts(cur: Any, sql: str, params: Any, limit: int) -> list[dict[str, Any]]:
+def _stream_table(cur: Any, sql: str, params: Any, limit: int) -> RowTable:
     """At most `limit` rows, fetched in chunks; the rest never leaves the server."""
     if limit == 0:
         cur.execute(sql, params, prepare=True)
-        return []
+        return RowTable([c.name for c in cur.description] if cur.description else [], [])
     rows = []
     stream = cur.stream(sql, params, size=min(limit, 1000))
     for row in stream:
@@ -400,7 +404,6 @@ def _stream_dicts(cur: Any, sql: str, params: Any, limit: int) -> list[dict[str,
         if len(rows) >= limit:
             break
     stream.close()  # cancels the rest of the result
-    names = [c.name for c in cur.description] if cur.description else []
-    return [dict(zip(names, row)) for row in rows]
+    return RowTable([c.name for c in cur.description] if cur.description else [], rows)
 
 

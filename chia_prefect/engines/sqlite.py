@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from chia_prefect._sql import SQLITE_FULL, ExecResult, check_single_params, fetch_dicts
+from chia_prefect._sql import SQLITE_FULL, ExecResult, RowTable, check_single_params, fetch_dicts, fetch_table
 from chia_prefect._ui import optional_field
 from chia_prefect.engines.dialect import SQLITE
 from chia_prefect.errors import (
@@ -207,9 +207,13 @@ class SQLiteEngine:
 
     def fetch(self, sql: str, params: Any, limit: int | None) -> list[dict[str, Any]]:
         """Rows of one statement on a read-only connection, as dicts, at most `limit`."""
+        return self.fetch_table(sql, params, limit).dicts()
+
+    def fetch_table(self, sql: str, params: Any, limit: int | None) -> RowTable:
+        """As `fetch`, the rows as tuples under their column names."""
         check_single_params(params, "query")
         with self.connect(read_only=True) as conn:
-            return fetch_dicts(conn.execute(sql, params or ()), limit)
+            return fetch_table(conn.execute(sql, params or ()), limit)
 
     def run_script(self, script: str) -> None:
         """A parameterless multi-statement script, after the writer queue; it may BEGIN/COMMIT."""

@@ -35,11 +35,13 @@ from prefect.futures import PrefectFuture, PrefectFutureList
 from prefect.utilities.annotations import unmapped
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 
+from chia_prefect._sql import RowTable
 from chia_prefect.errors import InvalidOperationError, SchedulingTimeoutError
 from chia_prefect.idempotency import AUTO, KEY_PARAMETER, auto_key, check_key
 from chia_prefect.members import reservations
 from chia_prefect.members.limits import ensure_limit, member_slot
 from chia_prefect.members.scheduling import Watch, announce_start
+from chia_prefect.runner import result_leaves_pickled
 
 if TYPE_CHECKING:
     from chia_prefect.members.host import MemberHost
@@ -93,6 +95,78 @@ def _batch_from_marshal(payload: Any) -> Batch:
 
 def _unbox(value: Any) -> Any:
     return value.value if isinstance(value, Batch) else value
+
+
+# A member's result on its way from a Ray worker to the driver.
+#
+# After a task returns, Prefect's task engine links the result and each of its elements to
+# the task run (`link_state_to_result`), so that passing one to another task records the
+# dependency. On a Ray worker that record lives in a copy of the flow run's context that is
+# dropped when the task ends, and for 100k rows it cost more than the query (0.3 s of 0.7).
+# The engine does not look inside these boxes, and they unpickle as the plain result: only
+# a result that leaves the process pickled (`result_leaves_pickled`) is boxed.
+
+
+class Shipped:
+    """A list result: pickled as the list itself."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: list[Any]) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (_as_is, (self.value,))
+
+
+class ShippedRows:
+    """`query`'s rows: the column names once and the rows as tuples, marshalled (out of
+    band) when their values allow; unpickled as the list of dicts. Building the dicts on the
+    worker and pickling each one's keys cost more than the driver building them."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: RowTable) -> None:
+        self.table = table
+
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, tuple[Any, ...]]:  # type: ignore[override]
+        try:
+            payload = marshal.dumps(self.table.rows)
+        except ValueError:  # Decimal, datetime, ...: pickle keeps the exact types
+            return (_dicts, (self.table.names, self.table.rows))
+        return (_dicts_from_marshal, (self.table.names, pickle.PickleBuffer(payload) if protocol >= 5 else payload))
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _dicts(names: list[str], rows: list[Any]) -> list[dict[str, Any]]:
+    return RowTable(names, rows).dicts()
+
+
+def _dicts_from_marshal(names: list[str], payload: Any) -> list[dict[str, Any]]:
+    collecting = gc.isenabled()
+    gc.disable()  # 100k new dicts would set off full collections; none can be garbage yet
+    try:
+        return RowTable(names, marshal.loads(payload)).dicts()
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _ship(result: Any) -> Any:
+    """A member's result as it leaves: a list goes boxed if it leaves pickled."""
+    if type(result) is list and len(result) > 1 and result_leaves_pickled():
+        return Shipped(result)
+    return result
+
+
+def dict_rows(table: RowTable) -> list[dict[str, Any]]:
+    """`query`'s result: the rows as dicts, built on the driver if they leave pickled."""
+    if len(table.rows) > 1 and result_leaves_pickled():
+        return cast("list[dict[str, Any]]", ShippedRows(table))
+    return table.dicts()
 
 
 class Member(Generic[P, R]):
@@ -160,13 +234,14 @@ def _make_runner(fn: Callable[..., Any], kind: Kind) -> Callable[..., Any]:
             args = tuple(map(_unbox, args))
             kwargs = {k: _unbox(v) for k, v in kwargs.items()}
             if key is None:
-                return fn(*args, **kwargs)
+                return _ship(fn(*args, **kwargs))
             member = f"{args[0].engine}.{fn.__name__}"
             key = _resolve_key(key, member)
             arguments = (args[1:], {k: v for k, v in kwargs.items() if k != "connect_opts"})
             if declares_key:
                 kwargs[KEY_PARAMETER] = key
-            return args[0].run_keyed(member, key, lambda: fn(*args, **kwargs), arguments, kwargs.get("connect_opts"))
+            return _ship(args[0].run_keyed(member, key, lambda: fn(*args, **kwargs), arguments,
+                                           kwargs.get("connect_opts")))
 
     return run
 
@@ -269,6 +344,7 @@ class MemberRayFuture(PrefectRayFuture[Any]):
 
     def _settle(self, timeout: float | None) -> float | None:
         import ray
+        from prefect.client.schemas.objects import State
         from prefect.states import Crashed, Failed
 
         if self._final_state is not None or self._reported:
@@ -282,7 +358,9 @@ class MemberRayFuture(PrefectRayFuture[Any]):
                 _report_state(self._task, self._flow_run_id, self.task_run_id, Failed(message=str(exc)))
                 return timeout
         try:
-            ray.get(self.wrapped_future, timeout=timeout)
+            outcome = ray.get(self.wrapped_future, timeout=timeout)
+            if isinstance(outcome, State):
+                self._final_state = outcome  # the base class would fetch (and unpickle) it again
         except _worker_death_errors() as exc:
             self._reported = True
             message = f"The Ray worker running this task died ({type(exc).__name__}); the run was not retried."
