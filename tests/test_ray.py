@@ -6,12 +6,12 @@ import os
 
 import pytest
 from nodes import AlignmentDBNode, ProbeSQLiteNode
-from prefect import flow
+from prefect import flow, task
 from prefect.blocks.core import Block
 from prefect.settings import PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
 from prefect_ray import RayTaskRunner
 
-from chia_prefect import DatabaseNode
+from chia_prefect import DatabaseNode, FastRayTaskRunner
 from chia_prefect.members import Batch
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster")]
@@ -178,3 +178,50 @@ def test_write_policy_and_with_options(sqlite_db):
     opted = sqlite_db.execute.with_options(retries=3)
     assert type(opted) is type(sqlite_db.execute) and opted.retries == 3
     assert opted.node is sqlite_db and opted.name == "sqlite.execute"
+
+
+# --- results on FastRayTaskRunner: what leaves a worker is what the member returned -----
+
+@task
+def query_inside_a_task(db: DatabaseNode, sql: str) -> dict:
+    """A member called inside a task on a Ray worker runs in that process: a plain list."""
+    rows = db.query(sql)
+    return {"type": type(rows).__name__, "rows": rows}
+
+
+@flow(task_runner=FastRayTaskRunner())
+def results_on_fast_runner(db: DatabaseNode, sql: str, insert: str) -> dict:
+    future = db.query.submit(sql)
+    return {
+        "called": db.query(sql),
+        "submitted": future.result(),
+        "state": future.state.result(),
+        "one_row": db.query(sql, limit=1),
+        "nested": query_inside_a_task.submit(db, sql).result(),
+        "transaction": db.transaction([(insert, (1_000_001,)), (insert, (1_000_002,))]),
+    }
+
+
+def test_results_leave_the_worker_as_the_member_returned_them(any_db):
+    # Values marshal cannot carry on Postgres (Decimal, datetime) take the pickle path.
+    if any_db.engine == "sqlite":
+        any_db.init_schema("CREATE TABLE v (id INTEGER PRIMARY KEY, n INTEGER, x REAL, s TEXT, b BLOB, z TEXT)")
+        any_db.executemany("INSERT INTO v (n, x, s, b, z) VALUES (?, ?, ?, ?, ?)",
+                           [(i, i / 3, f"s{i}", bytes([i % 256]), None) for i in range(3000)])
+        insert = "INSERT INTO v (n) VALUES (?)"
+    else:
+        any_db.init_schema("CREATE TABLE v (id SERIAL PRIMARY KEY, n INTEGER, x NUMERIC(10, 3), "
+                           "s TEXT, b TIMESTAMPTZ, z TEXT)")
+        any_db.executescript("INSERT INTO v (n, x, s, b, z) SELECT i, i / 3.0, 's' || i, "
+                             "TIMESTAMPTZ '2026-01-01' + i * INTERVAL '1 minute', NULL FROM generate_series(0, 2999) i")
+        insert = "INSERT INTO v (n) VALUES (%s)"
+    sql = "SELECT id, n, x, s, b, z FROM v ORDER BY id"
+    expected = any_db.query(sql)  # in-process, outside a flow
+    out = results_on_fast_runner(any_db, sql, insert)
+    for key in ("called", "submitted", "state"):
+        assert type(out[key]) is list and all(type(row) is dict for row in out[key]), key
+        assert out[key] == expected, key
+        assert [type(v) for v in out[key][5].values()] == [type(v) for v in expected[5].values()], key
+    assert out["one_row"] == expected[:1]
+    assert [r.rowcount for r in out["transaction"]] == [1, 1] and type(out["transaction"]) is list
+    assert out["nested"] == {"type": "list", "rows": expected}
