@@ -33,7 +33,7 @@ import bench_flows as bf  # noqa: E402
 from prefect_ray import RayTaskRunner  # noqa: E402
 
 from chia_prefect import FastRayTaskRunner, PostgresNode  # noqa: E402
-from chia_prefect.local import shared_prefect_api  # noqa: E402
+from chia_prefect.local import LOCAL_RAY, shared_prefect_api  # noqa: E402
 
 RUNNERS = {"stock": RayTaskRunner, "ours": FastRayTaskRunner}
 
@@ -327,13 +327,51 @@ def bench_writers(work: Path, per_writer: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ report
 
+FULL_RUN = ("latency", "sqlite_ingest", "transaction", "reads", "postgres", "keyed", "small_flow", "writers")
+
+
 def ratios(r: dict[str, Any]) -> dict[str, float]:
+    """Every ratio the steps that ran allow (a partial run, --only, gives some of them)."""
     out: dict[str, float] = {}
-    if {"latency", "sqlite_ingest", "transaction", "postgres", "small_flow", "writers"} <= set(r):
-        out.update(_full_run_ratios(r))
+    if "latency" in r:
+        lat = r["latency"]
+        out.update({
+            "member_seq_vs_stock_noop": lat["ours"]["member_seq"] / lat["stock"]["noop_seq"],
+            "member_vs_noop_same_runner": lat["ours"]["member_seq"] / lat["ours"]["noop_seq"],
+            "member_seq_vs_parts": lat["ours"]["member_seq"] / (lat["bare_ray"]["seq"] + lat["thread_noop_seq"]),
+            "noop_ours_vs_stock": lat["ours"]["noop_seq"] / lat["stock"]["noop_seq"],
+            "member_stock_vs_noop_stock": lat["stock"]["member_seq"] / lat["stock"]["noop_seq"],
+            "noop_ours_vs_bare_ray": lat["ours"]["noop_seq"] / lat["bare_ray"]["seq"],
+            "parallel_noop_ours_vs_stock": lat["ours"]["noop_par"] / lat["stock"]["noop_par"],
+            "parallel_member_ours_vs_stock_noop": lat["ours"]["member_par"] / lat["stock"]["noop_par"],
+            "parallel_member_vs_noop_ours": lat["ours"]["member_par"] / lat["ours"]["noop_par"],
+        })
+    if "transaction" in r:
+        t = r["transaction"]
+        out["transaction_1000_vs_raw"] = t["member"] / t["raw"]
+        out["transaction_1000_minus_latency_vs_raw"] = (t["member"] - t["one_op"]) / t["raw"]
+    for label, data in r.get("sqlite_ingest", {}).items():
+        out[f"sqlite_{label}_vs_raw"] = data["member"] / data["raw"]
+        if "memory" in data:
+            mem = data["memory"]
+            out[f"sqlite_{label}_driver_memory_vs_raw"] = mem["driver_peak_delta"] / mem["peak_delta"]
+            out[f"sqlite_{label}_worker_memory_vs_raw"] = mem["worker_peak_delta"] / mem["peak_delta"]
     if "reads" in r:
         out["query_100k_vs_raw"] = r["reads"]["member"] / r["reads"]["raw"]
         out["query_100k_minus_latency_vs_raw"] = (r["reads"]["member"] - r["reads"]["one_row"]) / r["reads"]["raw"]
+    if "postgres" in r:
+        pg = r["postgres"]
+        out["postgres_executemany_vs_raw"] = pg["member_executemany"] / pg["raw_executemany"]
+        out["postgres_copy_vs_raw_copy"] = pg["member_copy"] / pg["raw_copy"]
+        out["copy_vs_psycopg_executemany"] = pg["raw_executemany"] / pg["member_copy"]
+    if "small_flow" in r:
+        small = r["small_flow"]
+        out["small_flow_speedup"] = small["sqlalchemy_ours"] / small["nodes_ours"]
+        out["small_flow_speedup_stock_runner"] = small["sqlalchemy_stock"] / small["nodes_stock"]
+    if "writers" in r:
+        w = r["writers"]
+        out["writers_8_vs_1"] = (w["transactions"] / w["eight"]["seconds"]) / (w["transactions"] / w["one"]["seconds"])
+        out["writers_lock_errors"] = w["eight"]["locked"] + w["one"]["locked"]
     keyed = r.get("keyed", {})
     for engine in ("sqlite", "postgres"):
         if f"{engine}_execute" in keyed:
@@ -341,38 +379,6 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
             out[f"key_{engine}_execute_vs_unkeyed"] = cost["keyed"] / cost["plain"]
     if "sqlite_transaction" in keyed:
         out["key_transaction_1000_vs_unkeyed"] = keyed["sqlite_transaction"]["keyed"] / keyed["sqlite_transaction"]["plain"]
-    return out
-
-
-def _full_run_ratios(r: dict[str, Any]) -> dict[str, float]:
-    lat, ing, pg, small, w = r["latency"], r["sqlite_ingest"], r["postgres"], r["small_flow"], r["writers"]
-    out = {
-        "member_seq_vs_stock_noop": lat["ours"]["member_seq"] / lat["stock"]["noop_seq"],
-        "member_vs_noop_same_runner": lat["ours"]["member_seq"] / lat["ours"]["noop_seq"],
-        "noop_ours_vs_stock": lat["ours"]["noop_seq"] / lat["stock"]["noop_seq"],
-        "member_stock_vs_noop_stock": lat["stock"]["member_seq"] / lat["stock"]["noop_seq"],
-        "noop_ours_vs_bare_ray": lat["ours"]["noop_seq"] / lat["bare_ray"]["seq"],
-        "parallel_noop_ours_vs_stock": lat["ours"]["noop_par"] / lat["stock"]["noop_par"],
-        "parallel_member_ours_vs_stock_noop": lat["ours"]["member_par"] / lat["stock"]["noop_par"],
-        "parallel_member_vs_noop_ours": lat["ours"]["member_par"] / lat["ours"]["noop_par"],
-        "member_seq_vs_parts": lat["ours"]["member_seq"] / (lat["bare_ray"]["seq"] + lat["thread_noop_seq"]),
-        "transaction_1000_vs_raw": r["transaction"]["member"] / r["transaction"]["raw"],
-        "transaction_1000_minus_latency_vs_raw":
-            (r["transaction"]["member"] - r["transaction"]["one_op"]) / r["transaction"]["raw"],
-        "postgres_executemany_vs_raw": pg["member_executemany"] / pg["raw_executemany"],
-        "postgres_copy_vs_raw_copy": pg["member_copy"] / pg["raw_copy"],
-        "copy_vs_psycopg_executemany": pg["raw_executemany"] / pg["member_copy"],
-        "small_flow_speedup": small["sqlalchemy_ours"] / small["nodes_ours"],
-        "small_flow_speedup_stock_runner": small["sqlalchemy_stock"] / small["nodes_stock"],
-        "writers_8_vs_1": (w["transactions"] / w["eight"]["seconds"]) / (w["transactions"] / w["one"]["seconds"]),
-        "writers_lock_errors": w["eight"]["locked"] + w["one"]["locked"],
-    }
-    for label, data in ing.items():
-        out[f"sqlite_{label}_vs_raw"] = data["member"] / data["raw"]
-        if "memory" in data:
-            mem = data["memory"]
-            out[f"sqlite_{label}_driver_memory_vs_raw"] = mem["driver_peak_delta"] / mem["peak_delta"]
-            out[f"sqlite_{label}_worker_memory_vs_raw"] = mem["worker_peak_delta"] / mem["peak_delta"]
     return out
 
 
@@ -386,7 +392,7 @@ def verdict(name: str, value: float) -> str:
 
 def print_report(report: dict[str, Any]) -> None:
     r = report["results"]
-    if "latency" not in r:  # a partial run (--only): what it measured, then its ratios
+    if not set(FULL_RUN) <= set(r):  # a partial run (--only): what it measured, then its ratios
         print(f"\nchia-prefect benchmarks (partial: {', '.join(r)}) - {report['machine']}")
         print(json.dumps(r, indent=2))
         _print_ratios(report)
@@ -469,7 +475,8 @@ def main() -> None:
         with shared_prefect_api():
             path = os.pathsep.join([str(BENCH), str(ROOT), os.environ.get("PYTHONPATH", "")])
             os.environ["PYTHONPATH"] = path
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            # The product's process-local Ray (chia_prefect.local): 2 CPUs, 8 warm workers.
+            ray.init(**LOCAL_RAY, log_to_driver=False)
             try:
                 steps = [
                     ("latency", lambda: bench_latency(work, sizes["seq"], sizes["parallel"])),
