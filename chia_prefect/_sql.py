@@ -97,6 +97,23 @@ def statement_heads(sql: str) -> list[str]:
     return heads
 
 
+@functools.lru_cache(maxsize=1024)  # a transaction repeats its ops' SQL: scan each text once
+def first_statement_head(sql: str) -> str | None:
+    """First keyword (upper-cased) of `sql`, outside quotes and comments; None if empty."""
+    i = 0
+    while i < len(sql):
+        skipped = _skip_quoted(sql, i)
+        if skipped != i:
+            i = skipped
+            continue
+        ch = sql[i]
+        if ch != ";" and not ch.isspace():
+            word = _WORD.match(sql, i)
+            return word.group(0).upper() if word else ch
+        i += 1
+    return None
+
+
 def split_sqlite_script(script: str) -> list[str]:
     """Split a SQLite script where SQLite itself would: a statement ends at the first `;`
     after which `sqlite3.complete_statement` calls it complete. That is SQLite's own
@@ -176,8 +193,8 @@ def refuse_transaction_control(sql: str, *, all_statements: bool, where: str) ->
     if all_statements:
         head = postgres_transaction_control(sql)
     else:
-        heads = statement_heads(sql)
-        head = heads[0] if heads and heads[0] in _TRANSACTION_CONTROL else None
+        first = first_statement_head(sql)
+        head = first if first in _TRANSACTION_CONTROL else None
     if head is not None:
         raise TransactionControlError(
             f"{where}: {head} is not allowed here; the member runs the statement in a "
