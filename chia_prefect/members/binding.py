@@ -155,16 +155,33 @@ def _dicts_from_marshal(names: list[str], payload: Any) -> list[dict[str, Any]]:
             gc.enable()
 
 
+def _may_box() -> bool:
+    """Whether this member's result may leave in a box: it leaves the process pickled, and
+    so does the copy Prefect persists if the task run keeps one (a JSON result serializer
+    could not write the box)."""
+    if not result_leaves_pickled():
+        return False
+    ctx = TaskRunContext.get()
+    return ctx is None or not ctx.persist_result or _pickles(ctx.result_store.serializer)
+
+
+def _pickles(serializer: Any) -> bool:
+    from prefect.serializers import PickleSerializer
+
+    inner = getattr(serializer, "serializer", None)  # a CompressedSerializer wraps another
+    return isinstance(serializer, PickleSerializer) or (inner is not None and _pickles(inner))
+
+
 def _ship(result: Any) -> Any:
-    """A member's result as it leaves: a list goes boxed if it leaves pickled."""
-    if type(result) is list and len(result) > 1 and result_leaves_pickled():
+    """A member's result as it leaves: a list goes boxed if it may."""
+    if type(result) is list and len(result) > 1 and _may_box():
         return Shipped(result)
     return result
 
 
 def dict_rows(table: RowTable) -> list[dict[str, Any]]:
-    """`query`'s result: the rows as dicts, built on the driver if they leave pickled."""
-    if len(table.rows) > 1 and result_leaves_pickled():
+    """`query`'s result: the rows as dicts, built on the driver if they may leave boxed."""
+    if len(table.rows) > 1 and _may_box():
         return cast("list[dict[str, Any]]", ShippedRows(table))
     return table.dicts()
 
