@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,9 +78,9 @@ def _skip_quoted(sql: str, i: int) -> int:
     return i
 
 
-def statement_heads(sql: str) -> list[str]:
-    """First keyword (upper-cased) of every statement in `sql`, outside quotes and comments."""
-    heads: list[str] = []
+def _heads(sql: str) -> Iterator[str]:
+    """First keyword (upper-cased) of each statement in `sql`, outside quotes and comments,
+    found as the scan reaches it."""
     at_start, i = True, 0
     while i < len(sql):
         skipped = _skip_quoted(sql, i)
@@ -91,27 +92,20 @@ def statement_heads(sql: str) -> list[str]:
             at_start = True
         elif at_start and not ch.isspace():
             word = _WORD.match(sql, i)
-            heads.append(word.group(0).upper() if word else ch)
+            yield word.group(0).upper() if word else ch
             at_start = False
         i += 1
-    return heads
+
+
+def statement_heads(sql: str) -> list[str]:
+    """First keyword (upper-cased) of every statement in `sql`, outside quotes and comments."""
+    return list(_heads(sql))
 
 
 @functools.lru_cache(maxsize=1024)  # a transaction repeats its ops' SQL: scan each text once
 def first_statement_head(sql: str) -> str | None:
-    """First keyword (upper-cased) of `sql`, outside quotes and comments; None if empty."""
-    i = 0
-    while i < len(sql):
-        skipped = _skip_quoted(sql, i)
-        if skipped != i:
-            i = skipped
-            continue
-        ch = sql[i]
-        if ch != ";" and not ch.isspace():
-            word = _WORD.match(sql, i)
-            return word.group(0).upper() if word else ch
-        i += 1
-    return None
+    """First keyword of `sql` (the scan stops there); None if it has no statement."""
+    return next(_heads(sql), None)
 
 
 def split_sqlite_script(script: str) -> list[str]:

@@ -85,6 +85,21 @@ CONTEXT_KEYS = frozenset({
 })
 _SETTINGS_CACHE_SIZE = 16
 
+
+def _recall(cache: OrderedDict[Any, Any], key: Any) -> Any:
+    """The cached value (now the most recent), or None. Call under the cache's lock."""
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    """Cache `value`, dropping the least recent beyond _SETTINGS_CACHE_SIZE. Under the lock."""
+    cache[key] = value
+    while len(cache) > _SETTINGS_CACHE_SIZE:
+        cache.popitem(last=False)
+
 _fast_path_ok: bool | None = None
 _fast_path_lock = threading.Lock()
 
@@ -172,9 +187,8 @@ def _settings_entry(ray: Any) -> _SettingsEntry:
     job = ray.get_runtime_context().get_job_id()
     cache_key = (id(settings_ctx), job)
     with _driver_lock:
-        entry = _driver_settings.get(cache_key)
+        entry: _SettingsEntry | None = _recall(_driver_settings, cache_key)
         if entry is not None and entry.context is settings_ctx:
-            _driver_settings.move_to_end(cache_key)
             return entry
         payload = settings_ctx.serialize()
         ephemeral = None
@@ -183,9 +197,7 @@ def _settings_entry(ray: Any) -> _SettingsEntry:
         key = uuid.uuid4().hex
         # The reference keeps the object alive, so `id` is not reused while cached.
         entry = _SettingsEntry(settings_ctx, key, ray.put((payload, ephemeral)))
-        _driver_settings[cache_key] = entry
-        while len(_driver_settings) > _SETTINGS_CACHE_SIZE:
-            _driver_settings.popitem(last=False)
+        _remember(_driver_settings, cache_key, entry)
         return entry
 
 
@@ -216,15 +228,12 @@ def _flow_context_entry(ray: Any, flow_run_context: EngineContext | None) -> tup
     job = ray.get_runtime_context().get_job_id()
     cache_key = (id(flow_run_context), job)
     with _driver_lock:
-        entry = _driver_flow_contexts.get(cache_key)
+        entry: _FlowContextEntry | None = _recall(_driver_flow_contexts, cache_key)
         if entry is not None and entry.matches(flow_run_context):
-            _driver_flow_contexts.move_to_end(cache_key)
             return entry.key, entry.ref
         # The entry keeps the context alive, so `id` is not reused while cached.
         entry = _FlowContextEntry(flow_run_context, uuid.uuid4().hex, ray.put(flow_run_context.serialize()))
-        _driver_flow_contexts[cache_key] = entry
-        while len(_driver_flow_contexts) > _SETTINGS_CACHE_SIZE:
-            _driver_flow_contexts.popitem(last=False)
+        _remember(_driver_flow_contexts, cache_key, entry)
         return entry.key, entry.ref
 
 
@@ -306,6 +315,11 @@ class FastRayTaskRunner(RayTaskRunner[Any]):
         return PrefectRayFuture(task_run_id=task_run_id, wrapped_future=object_ref)
 
     def __exit__(self, *exc_info: Any) -> None:
+        # The flow run's cached context (and its copy in Ray's object store) goes with it.
+        with _driver_lock:
+            for cache_key in [k for k, e in _driver_flow_contexts.items()
+                              if getattr(e.context, "task_runner", None) is self]:
+                del _driver_flow_contexts[cache_key]
         # The run's context is already reset: hooks release what the run reserved now
         # (chia-prefect's nodes register one), before the stock runner may shut down a Ray
         # it started.
@@ -336,9 +350,8 @@ _worker_lock = threading.Lock()
 
 def _worker_settings_context(key: str, ref: Any) -> SettingsContext:
     with _worker_lock:
-        cached = _worker_settings.get(key)
+        cached: SettingsContext | None = _recall(_worker_settings, key)
         if cached is not None:
-            _worker_settings.move_to_end(key)
             return cached
     import ray
 
@@ -355,9 +368,7 @@ def _worker_settings_context(key: str, ref: Any) -> SettingsContext:
                 settings=settings_ctx.settings.copy_with_update(updates={PREFECT_API_URL: url}),
             )
     with _worker_lock:
-        _worker_settings[key] = settings_ctx
-        while len(_worker_settings) > _SETTINGS_CACHE_SIZE:
-            _worker_settings.popitem(last=False)
+        _remember(_worker_settings, key, settings_ctx)
     return settings_ctx
 
 
@@ -365,17 +376,14 @@ def _worker_flow_context(key: str, ref: Any) -> dict[str, Any]:
     """The flow run's serialised context, fetched the first time this worker sees its key.
     Each task hydrates a new context from it, as from the stock runner's copy."""
     with _worker_lock:
-        cached = _worker_flow_contexts.get(key)
+        cached: dict[str, Any] | None = _recall(_worker_flow_contexts, key)
         if cached is not None:
-            _worker_flow_contexts.move_to_end(key)
             return cached
     import ray
 
     serialized: dict[str, Any] = ray.get(ref)
     with _worker_lock:
-        _worker_flow_contexts[key] = serialized
-        while len(_worker_flow_contexts) > _SETTINGS_CACHE_SIZE:
-            _worker_flow_contexts.popitem(last=False)
+        _remember(_worker_flow_contexts, key, serialized)
     return serialized
 
 

@@ -218,6 +218,9 @@ def test_results_leave_the_worker_as_the_member_returned_them(any_db):
     sql = "SELECT id, n, x, s, b, z FROM v ORDER BY id"
     expected = any_db.query(sql)  # in-process, outside a flow
     out = results_on_fast_runner(any_db, sql, insert)
+    from chia_prefect import runner
+
+    assert not runner._driver_flow_contexts  # the flow run's cached context went with its runner
     for key in ("called", "submitted", "state"):
         assert type(out[key]) is list and all(type(row) is dict for row in out[key]), key
         assert out[key] == expected, key
