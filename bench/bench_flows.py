@@ -105,7 +105,7 @@ def sqlite_read(db_path: str, repeat: int) -> dict[str, float]:
     and one member's latency (a one-row query) to subtract."""
     with SQLiteNode(db_path=db_path) as db:
         db.query_value("SELECT 1")  # a warm worker in the node's placement group
-        whole, one = [], []
+        whole, one, arrow = [], [], []
         for _ in range(repeat):
             start = time.perf_counter()
             rows = db.query(READ_SQL)
@@ -114,7 +114,12 @@ def sqlite_read(db_path: str, repeat: int) -> dict[str, float]:
             start = time.perf_counter()
             db.query("SELECT id, name, score, tag FROM t WHERE id = 1")
             one.append(time.perf_counter() - start)
-        return {"member": statistics.median(whole), "one_row": statistics.median(one)}
+            start = time.perf_counter()
+            table = db.query_arrow(READ_SQL)
+            arrow.append(time.perf_counter() - start)
+            assert table.num_rows == len(rows)
+        return {"member": statistics.median(whole), "one_row": statistics.median(one),
+                "arrow": statistics.median(arrow)}
 
 
 READ_SQL = "SELECT id, name, score, tag FROM t ORDER BY id"

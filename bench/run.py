@@ -216,15 +216,11 @@ def bench_sqlite_ingest(work: Path, sizes: dict[str, int], repeat: int) -> dict[
         reps = repeat if n <= 200_000 else max(1, repeat - 1)
         raw = median_of(reps, lambda rows=rows, label=label: raw_sqlite_ingest(str(work / f"raw-{label}-{time.monotonic_ns()}.db"), rows))
         del rows
-        runs = []
+        runs = [flow(str(work / f"member-{label}-{r}.db"), n) for r in range(reps)]
         sampler = None
-        for r in range(reps):
-            path = str(work / f"member-{label}-{r}.db")
-            if r == reps - 1 and n >= 1_000_000:
-                with RssSampler() as sampler:
-                    runs.append(flow(path, n))
-            else:
-                runs.append(flow(path, n))
+        if n >= 1_000_000:  # one more run for memory: the sampler's polling would slow a timed one
+            with RssSampler() as sampler:
+                flow(str(work / f"member-{label}-memory.db"), n)
         out[label] = {"rows": n, "raw": raw, "member": statistics.median(runs)}
         if sampler is not None:
             driver, worker = sampler.deltas()
@@ -255,8 +251,21 @@ def bench_reads(work: Path, n_rows: int, repeat: int) -> dict[str, Any]:
         assert len(rows) == n_rows
         return time.perf_counter() - start
 
+    def raw_arrow() -> float:
+        import pyarrow as pa
+
+        start = time.perf_counter()
+        conn = sqlite3.connect(path)
+        cur = conn.execute(bf.READ_SQL)
+        names = [c[0] for c in cur.description]
+        table = pa.Table.from_arrays([pa.array(col) for col in zip(*cur.fetchall())], names=names)
+        conn.close()
+        assert table.num_rows == n_rows
+        return time.perf_counter() - start
+
     member = bf.sqlite_read.with_options(task_runner=FastRayTaskRunner())(path, max(3, repeat))
-    return {"rows": n_rows, "raw": median_of(max(3, repeat), raw), **member}
+    return {"rows": n_rows, "raw": median_of(max(3, repeat), raw),
+            "raw_arrow": median_of(max(3, repeat), raw_arrow), **member}
 
 
 def bench_postgres(dsn: str, n_rows: int, repeat: int) -> dict[str, Any]:
@@ -359,6 +368,8 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
     if "reads" in r:
         out["query_100k_vs_raw"] = r["reads"]["member"] / r["reads"]["raw"]
         out["query_100k_minus_latency_vs_raw"] = (r["reads"]["member"] - r["reads"]["one_row"]) / r["reads"]["raw"]
+        out["query_arrow_100k_vs_raw_arrow"] = r["reads"]["arrow"] / r["reads"]["raw_arrow"]
+        out["query_arrow_vs_query_dicts"] = r["reads"]["arrow"] / r["reads"]["member"]
     if "postgres" in r:
         pg = r["postgres"]
         out["postgres_executemany_vs_raw"] = pg["member_executemany"] / pg["raw_executemany"]
@@ -419,7 +430,8 @@ def print_report(report: dict[str, Any]) -> None:
     if "reads" in r:
         rd = r["reads"]
         print(f"  sqlite query of {rd['rows']} rows as dicts: member {rd['member']:.3f} (one row "
-              f"{rd['one_row']:.3f})  raw sqlite3 {rd['raw']:.3f}")
+              f"{rd['one_row']:.3f})  raw sqlite3 {rd['raw']:.3f}; as an Arrow table: query_arrow "
+              f"{rd['arrow']:.3f}  raw sqlite3 + pyarrow {rd['raw_arrow']:.3f}")
     pg = r["postgres"]
     print(f"  postgres {pg['rows']} rows: member executemany {pg['member_executemany']:.3f}, member COPY "
           f"{pg['member_copy']:.3f}; raw executemany {pg['raw_executemany']:.3f}, raw COPY {pg['raw_copy']:.3f}")

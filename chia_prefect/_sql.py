@@ -10,7 +10,7 @@ import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from chia_prefect.errors import (
     InvalidIdentifierError,
@@ -275,39 +275,42 @@ def check_rows(seq_of_params: object, where: str) -> list[Any] | tuple[Any, ...]
     return seq_of_params
 
 
-@dataclass(frozen=True)
-class Op:
+class Op(NamedTuple):
     """One op of a `transaction`: its SQL and how to run it."""
 
-    index: int
+    position: int
     sql: str
     params: Any  # tuple | dict | list | None
     many: bool
 
 
 def normalize_ops(ops: object, *, all_statements: bool) -> list[Op]:
-    """Check a `transaction` op list completely before anything runs."""
+    """Check a `transaction` op list completely before anything runs.
+
+    An SQL text is scanned for transaction control once, however many ops repeat it."""
     if not isinstance(ops, (list, tuple)) or not ops:
         raise InvalidOperationError(
             "transaction: ops must be a non-empty list of (sql, params) pairs, "
             f"got {_describe(ops)}."
         )
     normalized = []
+    scanned: set[str] = set()
     for i, op in enumerate(ops):
-        where = f"transaction op {i}"
         if not isinstance(op, (tuple, list)) or len(op) != 2:
             raise InvalidOperationError(
-                f"{where}: each op must be a (sql, params) pair, got {_describe(op)}."
+                f"transaction op {i}: each op must be a (sql, params) pair, got {_describe(op)}."
             )
         sql, params = op
-        refuse_transaction_control(sql, all_statements=all_statements, where=where)
+        if type(sql) is not str or sql not in scanned:
+            refuse_transaction_control(sql, all_statements=all_statements, where=f"transaction op {i}")
+            scanned.add(sql)
         if isinstance(params, list):
-            normalized.append(Op(i, sql, params, many=True))
+            normalized.append(Op(i, sql, params, True))
         elif params is None or isinstance(params, (tuple, dict)):
-            normalized.append(Op(i, sql, params, many=False))
+            normalized.append(Op(i, sql, params, False))
         else:
             raise InvalidOperationError(
-                f"{where}: params must be a tuple or dict (one statement), a list "
+                f"transaction op {i}: params must be a tuple or dict (one statement), a list "
                 f"(executemany) or None, got {type(params).__name__}."
             )
     return normalized
@@ -329,12 +332,13 @@ def run_many(cursor: Any, sql: str, seq_of_params: Any) -> ExecResult:
 
 def run_ops(cursor: Any, ops: list[Op], run_one: Any) -> list[ExecResult]:
     """Run checked ops in order on a cursor inside the caller's transaction."""
-    results = []
+    results: list[ExecResult] = []
+    append = results.append
     for op in ops:
         try:
-            results.append(run_many(cursor, op.sql, op.params) if op.many else run_one(cursor, op.sql, op.params))
+            append(run_many(cursor, op.sql, op.params) if op.many else run_one(cursor, op.sql, op.params))
         except Exception as exc:
-            raise TransactionOpError.of(exc, op_index=op.index, op_total=len(ops)) from exc
+            raise TransactionOpError.of(exc, op_index=op.position, op_total=len(ops)) from exc
     return results
 
 
@@ -360,6 +364,29 @@ class RowTable:
     def dicts(self) -> list[dict[str, Any]]:
         names = self.names
         return [dict(zip(names, row)) for row in self.rows]
+
+    def arrow(self, where: str) -> Any:
+        """The rows as a `pyarrow.Table`, one column per name, each column's type inferred
+        from its values (SQLite's dynamic types included: a column that mixes kinds is refused
+        by name)."""
+        try:
+            import pyarrow as pa
+        except ImportError:
+            raise InvalidOperationError(
+                f"{where}: query_arrow needs pyarrow on the node's machine; install the extra "
+                "`pip install 'chia-prefect[arrow]'` (or pyarrow) where the flow and its Ray workers run."
+            ) from None
+        columns = list(zip(*self.rows)) if self.rows else [() for _ in self.names]
+        arrays = []
+        for name, values in zip(self.names, columns):
+            try:
+                arrays.append(pa.array(values))
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                raise InvalidOperationError(
+                    f"{where}: column {name!r} holds values Arrow cannot put in one typed column ({exc}); "
+                    "CAST it in the SQL, or read it with query()."
+                ) from None
+        return pa.Table.from_arrays(arrays, names=list(self.names))
 
 
 def fetch_table(cursor: Any, limit: int | None = None) -> RowTable:

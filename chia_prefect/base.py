@@ -173,8 +173,11 @@ class DatabaseNode(Block, ABC):
     ) -> list[ExecResult]:
         """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
         checked = normalize_ops(ops, all_statements=self.multi_statement)
+        styled: set[tuple[str, bool]] = set()  # the check reads the SQL and whether params are empty
         for op in checked:
-            self._check_paramstyle(op.sql, op.params, f"transaction op {op.index}")
+            if (op.sql, not op.params) not in styled:
+                self._check_paramstyle(op.sql, op.params, f"transaction op {op.position}")
+                styled.add((op.sql, not op.params))
         with self.atomic(connect_opts) as cur:
             return run_ops(cur, checked, self._run_one)
 
@@ -184,6 +187,14 @@ class DatabaseNode(Block, ABC):
     ) -> list[dict[str, Any]]:
         """Rows as dicts, at most `limit` fetched; the connection refuses writes."""
         return dict_rows(self._fetch_table(sql, params, check_limit(limit), connect_opts))
+
+    @read
+    def query_arrow(
+        self, sql: str, params: tuple[Any, ...] | dict[str, Any] = (), *, limit: int | None = None, connect_opts: dict[str, Any] | None = None
+    ) -> Any:
+        """Rows as a `pyarrow.Table` (the `arrow` extra), at most `limit`; built on the node's
+        machine, its column buffers travel whole through Ray's object store, not row by row."""
+        return self._fetch_table(sql, params, check_limit(limit), connect_opts).arrow("query_arrow")
 
     @read
     def query_one(

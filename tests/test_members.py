@@ -68,6 +68,25 @@ def test_query_limit_one_value(any_db):
     assert any_db.query_one("SELECT name FROM items WHERE qty > 99") is None
 
 
+def test_query_arrow_gives_a_typed_table(any_db):
+    import pyarrow as pa
+
+    make_table(any_db)
+    any_db.executemany(sql_for(any_db, "INSERT INTO items (name, qty) VALUES (?, ?)"),
+                       [("a", 1), ("b", None), ("c", 3)])
+    table = any_db.query_arrow("SELECT id, name, qty FROM items ORDER BY id")
+    assert isinstance(table, pa.Table) and table.column_names == ["id", "name", "qty"]
+    assert table.schema.field("qty").type == pa.int64() and table.schema.field("name").type == pa.string()
+    assert table.to_pylist() == rows(any_db)
+    assert any_db.query_arrow("SELECT id, name FROM items ORDER BY id", limit=2).num_rows == 2
+    empty = any_db.query_arrow("SELECT id, name FROM items WHERE id < 0")
+    assert (empty.num_rows, empty.column_names) == (0, ["id", "name"])
+    if any_db.engine == "sqlite":  # a column of mixed kinds, which SQLite allows, is refused by name
+        any_db.execute("INSERT INTO items (name, qty) VALUES ('d', 'many')")
+        with pytest.raises(InvalidOperationError, match="column 'qty'.*query\\(\\)"):
+            any_db.query_arrow("SELECT qty FROM items")
+
+
 def test_query_value_null_row_versus_default(any_db):
     make_table(any_db)
     # An aggregate over nothing is one NULL row: None, not the default.

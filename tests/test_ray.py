@@ -199,6 +199,7 @@ def results_on_fast_runner(db: DatabaseNode, sql: str, insert: str) -> dict:
         "one_row": db.query(sql, limit=1),
         "nested": query_inside_a_task.submit(db, sql).result(),
         "transaction": db.transaction([(insert, (1_000_001,)), (insert, (1_000_002,))]),
+        "arrow": db.query_arrow(sql),
     }
 
 
@@ -228,3 +229,6 @@ def test_results_leave_the_worker_as_the_member_returned_them(any_db):
     assert out["one_row"] == expected[:1]
     assert [r.rowcount for r in out["transaction"]] == [1, 1] and type(out["transaction"]) is list
     assert out["nested"] == {"type": "list", "rows": expected}
+    # query_arrow's table came back through Ray as a pyarrow Table with the same rows.
+    assert type(out["arrow"]).__name__ == "Table" and out["arrow"].column_names == list(expected[0])
+    assert out["arrow"].to_pylist()[:3000] == expected

@@ -9,6 +9,7 @@ after this machine's writer queue, `synchronous=NORMAL`, foreign keys on. Reads 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import re
 import sqlite3
@@ -36,6 +37,13 @@ from chia_prefect.errors import (
 )
 
 _INSERT = re.compile(r"\s*(INSERT|REPLACE)\b", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=512)
+def _inserts(sql: str) -> bool:
+    """Whether `sql` is an INSERT or REPLACE (whose lastrowid a result reports); once per text."""
+    return _INSERT.match(sql) is not None
+
 MOUNTS_FILE = "/proc/self/mounts"
 _NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre",
@@ -231,7 +239,7 @@ class SQLiteEngine:
         """One statement on `cur`: rowcount, lastrowid of an INSERT, rows it returns."""
         cur.execute(sql, params or ())
         rows = fetch_dicts(cur) if cur.description else None
-        lastrowid = cur.lastrowid if _INSERT.match(sql) else None
+        lastrowid = cur.lastrowid if _inserts(sql) else None
         return ExecResult(rowcount=cur.rowcount, lastrowid=lastrowid, rows=rows)
 
     def checkpoint(self, mode: Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"] = "PASSIVE") -> dict[str, Any]:
