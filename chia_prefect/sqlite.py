@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from chia_prefect._sql import ExecResult, RowTable, validate_identifier, validate_type_decl
+from chia_prefect._sql import RowTable, validate_identifier, validate_type_decl
 from chia_prefect._ui import optional_field
 from chia_prefect.base import LOGO_BASE_URL, DatabaseNode, idempotency_retention_field
 from chia_prefect.engines.dialect import SQLITE, Dialect
@@ -126,10 +126,8 @@ class SQLiteNode(DatabaseNode):
     def _ensure_database(self) -> None:
         SQLiteEngine(self.db_path, self.connect_opts, self.label).ensure_database()
 
-    def _run_one(
-        self, cur: sqlite3.Cursor, sql: str, params: tuple[Any, ...] | dict[str, Any] | None
-    ) -> ExecResult:
-        return SQLiteEngine.run_one(cur, sql, params)
+    # The engine's own function, not a method calling it: a transaction calls it once per op.
+    _run_one = staticmethod(SQLiteEngine.run_one)
 
     def _query_tool_session(self, caps: Any) -> Any:  # type: ignore[override]  # options checked by the caller
         """Reads open the file `mode=ro` under a read-only authorizer."""

@@ -238,9 +238,10 @@ class SQLiteEngine:
     def run_one(cur: sqlite3.Cursor, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
         """One statement on `cur`: rowcount, lastrowid of an INSERT, rows it returns."""
         cur.execute(sql, params or ())
-        rows = fetch_dicts(cur) if cur.description else None
-        lastrowid = cur.lastrowid if _inserts(sql) else None
-        return ExecResult(rowcount=cur.rowcount, lastrowid=lastrowid, rows=rows)
+        if cur.description is None:
+            return ExecResult(cur.rowcount, cur.lastrowid if _inserts(sql) else None)
+        rows = fetch_dicts(cur)
+        return ExecResult(cur.rowcount, cur.lastrowid if _inserts(sql) else None, rows)
 
     def checkpoint(self, mode: Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"] = "PASSIVE") -> dict[str, Any]:
         """`PRAGMA wal_checkpoint(mode)`: busy, log and checkpointed frame counts."""

@@ -35,7 +35,7 @@ from prefect.futures import PrefectFuture, PrefectFutureList
 from prefect.utilities.annotations import unmapped
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 
-from chia_prefect._sql import RowTable
+from chia_prefect._sql import ExecResult, RowTable
 from chia_prefect.errors import InvalidOperationError, SchedulingTimeoutError
 from chia_prefect.idempotency import AUTO, KEY_PARAMETER, auto_key, check_key
 from chia_prefect.members import reservations
@@ -137,6 +137,27 @@ class ShippedRows:
         return (_dicts_from_marshal, (self.table.names, pickle.PickleBuffer(payload) if protocol >= 5 else payload))
 
 
+class ShippedResults:
+    """A `transaction`'s list of `ExecResult`s: their fields as marshalled tuples (pickling a
+    thousand dataclass instances cost more than the ops took); unpickled as the list."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: list[ExecResult]) -> None:
+        self.value = value
+
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, tuple[Any, ...]]:  # type: ignore[override]
+        try:
+            payload = marshal.dumps([(r.rowcount, r.lastrowid, r.rows) for r in self.value])
+        except ValueError:  # rows holding values marshal cannot take: pickle keeps their types
+            return (_as_is, (self.value,))
+        return (_results_from_marshal, (payload,))
+
+
+def _results_from_marshal(payload: bytes) -> list[ExecResult]:
+    return [ExecResult(*fields) for fields in marshal.loads(payload)]
+
+
 def _as_is(value: Any) -> Any:
     return value
 
@@ -175,6 +196,8 @@ def _pickles(serializer: Any) -> bool:
 def _ship(result: Any) -> Any:
     """A member's result as it leaves: a list goes boxed if it may."""
     if type(result) is list and len(result) > 1 and _may_box():
+        if all(type(item) is ExecResult for item in result):
+            return ShippedResults(result)
         return Shipped(result)
     return result
 
