@@ -102,7 +102,8 @@ def test_member_kind_cannot_change_in_a_subclass():
 def test_every_member_is_listed():
     assert member_names(SQLiteNode) == sorted([
         "init_schema", "executescript", "add_column_if_missing", "schema", "execute", "executemany",
-        "transaction", "query", "query_one", "query_value", "exists", "wal_checkpoint", "backup", "apply_migration",
+        "transaction", "query", "query_arrow", "query_one", "query_value", "exists", "wal_checkpoint", "backup",
+        "apply_migration",
         "write_outcome", "prune_idempotency_keys",
     ])
     assert "wal_checkpoint" not in member_names(PostgresNode)
