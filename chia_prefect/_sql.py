@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -284,10 +284,13 @@ class Op(NamedTuple):
     many: bool
 
 
-def normalize_ops(ops: object, *, all_statements: bool) -> list[Op]:
+def normalize_ops(
+    ops: object, *, all_statements: bool, check_paramstyle: Callable[[object, object, str], None] | None = None
+) -> list[Op]:
     """Check a `transaction` op list completely before anything runs.
 
-    An SQL text is scanned for transaction control once, however many ops repeat it."""
+    An SQL text is scanned for transaction control once, however many ops repeat it, and
+    `check_paramstyle` (the engine's) runs once per text and whether its params are empty."""
     if not isinstance(ops, (list, tuple)) or not ops:
         raise InvalidOperationError(
             "transaction: ops must be a non-empty list of (sql, params) pairs, "
@@ -295,6 +298,7 @@ def normalize_ops(ops: object, *, all_statements: bool) -> list[Op]:
         )
     normalized = []
     scanned: set[str] = set()
+    styled: set[tuple[str, bool]] = set()
     for i, op in enumerate(ops):
         if not isinstance(op, (tuple, list)) or len(op) != 2:
             raise InvalidOperationError(
@@ -313,6 +317,9 @@ def normalize_ops(ops: object, *, all_statements: bool) -> list[Op]:
                 f"transaction op {i}: params must be a tuple or dict (one statement), a list "
                 f"(executemany) or None, got {type(params).__name__}."
             )
+        if check_paramstyle is not None and (sql, not params) not in styled:
+            check_paramstyle(sql, params, f"transaction op {i}")
+            styled.add((sql, not params))
     return normalized
 
 

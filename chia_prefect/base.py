@@ -172,12 +172,7 @@ class DatabaseNode(Block, ABC):
         self, ops: list[Any], *, connect_opts: dict[str, Any] | None = None, idempotency_key: str | None = None
     ) -> list[ExecResult]:
         """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
-        checked = normalize_ops(ops, all_statements=self.multi_statement)
-        styled: set[tuple[str, bool]] = set()  # the check reads the SQL and whether params are empty
-        for op in checked:
-            if (op.sql, not op.params) not in styled:
-                self._check_paramstyle(op.sql, op.params, f"transaction op {op.position}")
-                styled.add((op.sql, not op.params))
+        checked = normalize_ops(ops, all_statements=self.multi_statement, check_paramstyle=self._check_paramstyle)
         with self.atomic(connect_opts) as cur:
             return run_ops(cur, checked, self._run_one)
 
