@@ -181,7 +181,8 @@ def _keyed(node: Any, cursor: Any, key: str) -> Iterator[None]:
 
 def _ensure_table(node: DatabaseNode, connect_opts: Any, *, again: bool = False) -> None:
     """Create the key table once per database and process. Concurrent creators on Postgres
-    can collide in the catalog: the loser finds the table made."""
+    can collide in the catalog (on the table's name, 42P07, on its row type's, 42710, or on a
+    catalog index, 23505): the loser tries again and finds the table made."""
     where = (node.engine, node.limit_identity())
     if where in _READY and not again:
         return
@@ -202,7 +203,7 @@ def _ensure_table(node: DatabaseNode, connect_opts: Any, *, again: bool = False)
                     cur.execute(statement)
             break
         except Exception as exc:  # noqa: BLE001 - the catalog race is retried, the rest raised
-            if attempt == 3 or getattr(exc, "sqlstate", None) not in ("23505", "42P07"):
+            if attempt == 3 or getattr(exc, "sqlstate", None) not in ("23505", "42P07", "42710"):
                 raise
     _READY.add(where)
 

@@ -179,6 +179,37 @@ def test_concurrent_calls_with_one_key_apply_once(any_db):
     assert names(db) == ["once"]
 
 
+@pytest.mark.postgres
+def test_first_keyed_writes_racing_to_create_the_key_table_all_succeed(postgres_db):
+    """Eight first keyed writers at once on a database without the key table, forty times.
+
+    Concurrent CREATE TABLE IF NOT EXISTS collide in Postgres' catalog: on the table's name,
+    on its row type's (42710, 'type "chia_idempotency" already exists'; it failed one CI run),
+    or on a catalog index. Every loser must find the table made, not raise."""
+    from chia_prefect import idempotency
+
+    errors: list = []
+    for _ in range(40):
+        with postgres_db.atomic() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {TABLE}")
+        start = threading.Barrier(8)
+
+        def create(start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                idempotency._ensure_table(postgres_db, None, again=True)
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        threads = [threading.Thread(target=create) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert errors == []
+    assert postgres_db.query_value(f"SELECT COUNT(*) FROM {TABLE}") == 0
+
+
 def test_maintenance_prunes_old_keys(any_db):
     db = any_db
     assert db.prune_idempotency_keys() == 0  # no key table yet
