@@ -233,18 +233,20 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _worker_fds() -> int:
-    """Open file descriptors of every Ray worker process on this machine."""
-    total = 0
+def _ray_process_fds() -> dict[int, tuple[str, int]]:
+    """Open file descriptors of every Ray process on this machine: workers and actors (`ray::`),
+    raylets and GCS servers, by PID with the process's name."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if (proc / "cmdline").read_bytes().startswith(b"ray::"):
-                total += len(list((proc / "fd").iterdir()))
+            argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if argv0.startswith("ray::") or argv0.endswith(("/raylet", "/gcs_server")):
+                found[int(proc.name)] = (argv0.rsplit("/", 1)[-1], len(list((proc / "fd").iterdir())))
         except OSError:
             continue  # gone meanwhile
-    return total
+    return found
 
 
 def _alive_actors() -> int:
@@ -254,12 +256,8 @@ def _alive_actors() -> int:
 
 
 def _slope(values: list[float]) -> float:
-    """Growth per run, as the median of the slopes between every pair of samples (Theil-Sen).
-
-    A least-squares fit is moved by one transient dip (a Ray worker exiting with its descriptors
-    between two samples made [516, 421, 472, 516, 515, ...] read as +1.2 fds/run); a leak moves
-    every pair, so the median still sees it.
-    """
+    """Growth per run, as the median of the slopes between every pair of samples (Theil-Sen):
+    a least-squares fit is moved by one transient dip, while a leak moves every pair."""
     slopes = sorted((values[j] - values[i]) / (j - i) for i in range(len(values)) for j in range(i + 1, len(values)))
     return statistics.median(slopes)
 
@@ -298,18 +296,34 @@ def test_served_deployment_thirty_runs_no_growth(ray_cluster, tmp_path):
             assert flow_run.state.is_completed(), (flow_run.state, (tmp_path / "serve.log").read_text()[-3000:])
             wait_until(lambda: not live_groups(), timeout=10, what=lambda: f"no group left: {live_groups()}")
             samples.append({"groups": len(live_groups()), "actors": _alive_actors(),
-                            "fds": _worker_fds(), "rss": _rss_mb(server.pid)})
+                            "fds": _ray_process_fds(), "rss": _rss_mb(server.pid),
+                            "serve_fds": len(os.listdir(f"/proc/{server.pid}/fd"))})
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
         log.close()
-    rss = [s["rss"] for s in samples[5:]]
-    fds = [s["fds"] for s in samples[5:]]
-    actors = [s["actors"] for s in samples[5:]]
+    # Descriptors are counted per process that lives through the window (the raylets, the GCS,
+    # the agents, idle workers kept warm): only those can accumulate a leak. A sum over every Ray
+    # process swung between 150 and 290 with the previous run's gate and workers still exiting
+    # at a sample (CI read it as +1.0 fds/run); those transient processes are counted instead,
+    # and must not pile up.
+    window = samples[5:]
+    rss = [s["rss"] for s in window]
+    actors = [s["actors"] for s in window]
+    lasting = set(window[0]["fds"]).intersection(*(s["fds"] for s in window[1:]))
+    growth = {f"{window[0]['fds'][pid][0]} {pid}": _slope([s["fds"][pid][1] for s in window]) for pid in lasting}
+    growth["serve"] = _slope([s["serve_fds"] for s in window])
+    transient = [len(set(s["fds"]) - lasting) for s in window]
+    third = len(window) // 3
     print(f"served {SERVED_RUNS} runs: groups {[s['groups'] for s in samples]}, actors {actors[0]}->{actors[-1]}, "
-          f"worker fds {fds[0]}->{fds[-1]} (slope {_slope(fds):.2f}/run), "
+          f"fd slopes per lasting Ray process {growth}, transient Ray processes {transient}, "
           f"serve RSS {rss[0]:.1f}->{rss[-1]:.1f} MB (slope {_slope(rss):.3f} MB/run)")
     assert all(s["groups"] == 0 for s in samples)
     assert max(actors) <= actors[0] + 1  # each run's job and its gate are gone with the run
-    assert _slope(fds) < 1.0, fds
+    assert any(name.startswith("raylet") for name in growth), growth  # the cluster's own processes are seen
+    # Ray's GCS opens about one descriptor per job and keeps it: thirty bare Ray drivers (an
+    # actor and three tasks each, no chia-prefect) took a GCS from 59 to 84 fds, and this test
+    # read +0.6 per run for it. That growth is Ray's, so the GCS is printed above, not asserted.
+    assert all(slope < 0.5 for name, slope in growth.items() if not name.startswith("gcs_server")), growth
+    assert statistics.median(transient[-third:]) <= statistics.median(transient[:third]) + 1, transient
     assert _slope(rss) < 0.5, rss
