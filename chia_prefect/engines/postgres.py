@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from chia_prefect._sql import ExecResult, RowTable, check_single_params, fetch_dicts, fetch_table
+from chia_prefect._sql import ExecResult, RowTable, check_single_params, exec_result, fetch_dicts, fetch_table
 from chia_prefect._ui import optional_field
 from chia_prefect.engines.dialect import POSTGRES
 from chia_prefect.errors import (
@@ -340,7 +340,7 @@ class PostgresEngine:
         # prepare=True: extended protocol, so the server refuses a second statement.
         cur.execute(sql, params or None, prepare=True)
         rows = fetch_dicts(cur) if cur.description else None
-        return ExecResult(rowcount=cur.rowcount, rows=rows)
+        return exec_result(cur.rowcount, None, rows)
 
     def run_script(self, script: str) -> None:
         """A parameterless multi-statement script as one implicit transaction (unless it

@@ -25,7 +25,15 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from chia_prefect._sql import SQLITE_FULL, ExecResult, RowTable, check_single_params, fetch_dicts, fetch_table
+from chia_prefect._sql import (
+    SQLITE_FULL,
+    ExecResult,
+    RowTable,
+    check_single_params,
+    exec_result,
+    fetch_dicts,
+    fetch_table,
+)
 from chia_prefect._ui import optional_field
 from chia_prefect.engines.dialect import SQLITE
 from chia_prefect.errors import (
@@ -239,9 +247,9 @@ class SQLiteEngine:
         """One statement on `cur`: rowcount, lastrowid of an INSERT, rows it returns."""
         cur.execute(sql, params or ())
         if cur.description is None:
-            return ExecResult(cur.rowcount, cur.lastrowid if _inserts(sql) else None)
+            return exec_result(cur.rowcount, cur.lastrowid if _inserts(sql) else None)
         rows = fetch_dicts(cur)
-        return ExecResult(cur.rowcount, cur.lastrowid if _inserts(sql) else None, rows)
+        return exec_result(cur.rowcount, cur.lastrowid if _inserts(sql) else None, rows)
 
     def checkpoint(self, mode: Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"] = "PASSIVE") -> dict[str, Any]:
         """`PRAGMA wal_checkpoint(mode)`: busy, log and checkpointed frame counts."""

@@ -35,7 +35,7 @@ from prefect.futures import PrefectFuture, PrefectFutureList
 from prefect.utilities.annotations import unmapped
 from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 
-from chia_prefect._sql import ExecResult, RowTable
+from chia_prefect._sql import ExecResult, RowTable, exec_result
 from chia_prefect.errors import InvalidOperationError, SchedulingTimeoutError
 from chia_prefect.idempotency import AUTO, KEY_PARAMETER, auto_key, check_key
 from chia_prefect.members import reservations
@@ -155,7 +155,7 @@ class ShippedResults:
 
 
 def _results_from_marshal(payload: bytes) -> list[ExecResult]:
-    return [ExecResult(*fields) for fields in marshal.loads(payload)]
+    return [exec_result(*fields) for fields in marshal.loads(payload)]
 
 
 def _as_is(value: Any) -> Any:
