@@ -25,6 +25,7 @@ from chia_prefect import (
     SQLiteNode,
     TransactionControlError,
     WriteOutcome,
+    idempotency,
 )
 from chia_prefect.idempotency import TABLE
 
@@ -32,6 +33,27 @@ ENTRY = {
     "sqlite": "CREATE TABLE entry (id INTEGER PRIMARY KEY, name TEXT NOT NULL)",
     "postgres": "CREATE TABLE entry (id SERIAL PRIMARY KEY, name TEXT NOT NULL)",
 }
+
+
+def all_at_once(n: int, call) -> tuple[list, list]:
+    """Run `call` in n threads released together; what they returned, what they raised."""
+    results: list = []
+    errors: list = []
+    start = threading.Barrier(n)
+
+    def one() -> None:
+        start.wait()
+        try:
+            results.append(call())
+        except Exception as exc:  # noqa: BLE001 - collected for the caller's assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results, errors
 
 
 def names(db) -> list[str]:
@@ -158,22 +180,7 @@ def test_concurrent_calls_with_one_key_apply_once(any_db):
     db = any_db
     db.init_schema(ENTRY[db.engine])
     ins = sql_for(db, "INSERT INTO entry (name) VALUES (?)" + (" RETURNING id" if db.engine == "postgres" else ""))
-    results: list = []
-    errors: list = []
-    start = threading.Barrier(16)
-
-    def call() -> None:
-        start.wait()
-        try:
-            results.append(db.execute(ins, ("once",), idempotency_key="burst"))
-        except Exception as exc:  # noqa: BLE001 - collected for the assertion
-            errors.append(exc)
-
-    threads = [threading.Thread(target=call) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    results, errors = all_at_once(16, lambda: db.execute(ins, ("once",), idempotency_key="burst"))
     assert errors == [] and len(results) == 16
     assert all(result == results[0] for result in results)
     assert names(db) == ["once"]
@@ -186,26 +193,11 @@ def test_first_keyed_writes_racing_to_create_the_key_table_all_succeed(postgres_
     Concurrent CREATE TABLE IF NOT EXISTS collide in Postgres' catalog: on the table's name,
     on its row type's (42710, 'type "chia_idempotency" already exists'; it failed one CI run),
     or on a catalog index. Every loser must find the table made, not raise."""
-    from chia_prefect import idempotency
-
     errors: list = []
     for _ in range(40):
         with postgres_db.atomic() as cur:
             cur.execute(f"DROP TABLE IF EXISTS {TABLE}")
-        start = threading.Barrier(8)
-
-        def create(start: threading.Barrier = start) -> None:
-            start.wait()
-            try:
-                idempotency._ensure_table(postgres_db, None, again=True)
-            except Exception as exc:  # noqa: BLE001 - collected for the assertion
-                errors.append(exc)
-
-        threads = [threading.Thread(target=create) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        errors += all_at_once(8, lambda: idempotency._ensure_table(postgres_db, None, again=True))[1]
     assert errors == []
     assert postgres_db.query_value(f"SELECT COUNT(*) FROM {TABLE}") == 0
 

@@ -246,9 +246,7 @@ class SQLiteEngine:
     def run_one(cur: sqlite3.Cursor, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
         """One statement on `cur`: rowcount, lastrowid of an INSERT, rows it returns."""
         cur.execute(sql, params or ())
-        if cur.description is None:
-            return exec_result(cur.rowcount, cur.lastrowid if _inserts(sql) else None)
-        rows = fetch_dicts(cur)
+        rows = None if cur.description is None else fetch_dicts(cur)
         return exec_result(cur.rowcount, cur.lastrowid if _inserts(sql) else None, rows)
 
     def checkpoint(self, mode: Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"] = "PASSIVE") -> dict[str, Any]:
