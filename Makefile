@@ -9,6 +9,8 @@ VENV ?= .venv$(if $(PREFECT),-prefect-$(PREFECT))
 PY := $(VENV)/bin/python
 PIP_INSTALL ?= $(PY) -m pip install --quiet
 PREFECT_REQ := $(if $(PREFECT),"prefect==$(PREFECT).*")
+# PYTEST_ARGS: extra pytest arguments for make test (test files, -m, -k); empty runs the whole suite.
+PYTEST_ARGS ?=
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: demo test lint bench install clean
@@ -31,7 +33,7 @@ demo: $(VENV)/.installed-demo
 	$(VENV)/bin/chia-prefect demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # ruff on the code, tests, benchmarks and tools; mypy --strict on the package (pyproject.toml has both configs).
 lint: $(VENV)/.installed

@@ -59,7 +59,7 @@ from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
 
 logger = get_logger("chia_prefect.runner")
 
-# The Prefect release lines CI runs the whole suite on (pyproject.toml allows these).
+# The Prefect release lines CI tests on (pyproject.toml allows these).
 TESTED_PREFECT: tuple[str, ...] = ("3.8", "3.9")
 
 # Everything the fast path touches beyond prefect-ray's public runner. Checked once per

@@ -9,8 +9,8 @@ from typing import Any
 
 
 def soak_count(full: int, minimum: int) -> int:
-    """A slow reliability test's trial count: `full`, times `CHIA_SOAK_SCALE` (default 1; CI's
-    second Prefect job runs 0.25 to fit the time limit), never below `minimum`."""
+    """A slow reliability test's trial count: `full`, times `CHIA_SOAK_SCALE` (default 1; CI runs
+    0.25 to fit its time budget), never below `minimum`."""
     return max(minimum, round(full * float(os.environ.get("CHIA_SOAK_SCALE", "1"))))
 
 
