@@ -344,7 +344,7 @@ def add_exit_hook(hook: Callable[[Any], None]) -> None:
 
 _worker_settings: OrderedDict[str, SettingsContext] = OrderedDict()
 _worker_flow_contexts: OrderedDict[str, dict[str, Any]] = OrderedDict()
-_worker_clients: dict[tuple[Any, ...], SyncClientContext] = {}
+_clients: dict[tuple[Any, ...], SyncClientContext] = {}
 _worker_lock = threading.Lock()
 
 
@@ -388,7 +388,8 @@ def _worker_flow_context(key: str, ref: Any) -> dict[str, Any]:
 
 
 def _worker_client(settings_ctx: SettingsContext) -> SyncClientContext | None:
-    """One started sync client per API this worker talks to (None: no API URL set)."""
+    """One started sync client per API this process talks to (None: no API URL set): a Ray
+    worker's tasks share it, and so do members called outside a flow run (`member_client`)."""
     api = settings_ctx.settings.api
     if not api.url:
         return None
@@ -396,7 +397,7 @@ def _worker_client(settings_ctx: SettingsContext) -> SyncClientContext | None:
     auth = api.auth_string.get_secret_value() if api.auth_string else None
     client_key = (api.url, secret, auth)
     with _worker_lock:
-        client_ctx = _worker_clients.get(client_key)
+        client_ctx = _clients.get(client_key)
         if client_ctx is None:
             token = SettingsContext.__var__.set(settings_ctx)
             try:
@@ -406,8 +407,25 @@ def _worker_client(settings_ctx: SettingsContext) -> SyncClientContext | None:
                     client_ctx.client.raise_for_api_version_mismatch_once()
             finally:
                 SettingsContext.__var__.reset(token)
-            _worker_clients[client_key] = client_ctx
+            _clients[client_key] = client_ctx
     return client_ctx
+
+
+@contextmanager
+def member_client() -> Iterator[None]:
+    """For a member called outside a flow run: Prefect opens a new API client for every task
+    run it finds no client for (~30 ms, most of it building a TLS context); share this
+    process's client for the current settings instead."""
+    settings_ctx = SettingsContext.get()
+    client_ctx = None
+    if SyncClientContext.get() is None and settings_ctx is not None:
+        client_ctx = _worker_client(settings_ctx)
+    token = SyncClientContext.__var__.set(client_ctx) if client_ctx else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            SyncClientContext.__var__.reset(token)
 
 
 def _run_prefect_task_fast(

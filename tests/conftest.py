@@ -34,10 +34,14 @@ ROOT = TESTS.parent
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_api():
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    # Prefect (3.8 and 3.9) ends every flow run by joining its heartbeat thread, which sleeps in
+    # 1 s steps: each flow run in this process took ~1 s longer (10 empty flow runs: 1.14 s each
+    # with heartbeats, 0.16 s without). No test here is about heartbeats, so this process runs
+    # without them; subprocesses (the CLI, deployments) keep Prefect's default.
+    with prefect_test_harness(server_startup_timeout=60), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
         yield PREFECT_API_URL.value()
         os.environ.pop("PREFECT_API_URL", None)

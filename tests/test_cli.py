@@ -129,7 +129,6 @@ def test_plan_migrate_maintain_on_a_saved_node(saved, tmp_path):
     assert "integrity: ok" in out and len(list(backups.glob("*.db"))) == 1
 
 
-@pytest.mark.slow
 def _task_states(flow_run_ids: list[str]) -> list[str] | None:
     from uuid import UUID
 

@@ -151,6 +151,31 @@ def test_a_second_api_gets_its_own_client(tmp_path):
         other.stop()
 
 
+def test_members_called_outside_a_flow_share_one_client(sqlite_db):
+    """Prefect opens a new API client for each task run outside a flow run (~30 ms of TLS
+    setup); a member called there uses this process's client for the current API instead."""
+    runner._clients.clear()
+    sqlite_db.init_schema("CREATE TABLE t (x INTEGER)")
+    first = dict(runner._clients)
+    assert [key[0] for key in first] == [PREFECT_API_URL.value()]
+    state = sqlite_db.execute("INSERT INTO t VALUES (1)", return_state=True)
+    assert state.is_completed() and sqlite_db.query_value("SELECT count(*) FROM t") == 1
+    assert runner._clients == first and all(runner._clients[k] is first[k] for k in first)
+    with get_client(sync_client=True) as client:  # the calls are still recorded (from their events)
+        task_run = wait_until(lambda: _read_or_none(client, state.state_details.task_run_id), timeout=30,
+                              interval=0.5, what="the task run of a call outside a flow")
+        assert task_run.name.startswith("sqlite.execute") and task_run.state.is_completed()
+
+
+def _read_or_none(client, task_run_id):
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return client.read_task_run(task_run_id)
+    except ObjectNotFound:
+        return None
+
+
 def _task_run_count(client, flow_run_id, expected: int, timeout: float = 30) -> int:
     """How many task runs the client's server records for the flow run, once it has `expected`."""
     def count() -> int | None:

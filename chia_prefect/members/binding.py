@@ -41,7 +41,7 @@ from chia_prefect.idempotency import AUTO, KEY_PARAMETER, auto_key, check_key
 from chia_prefect.members import reservations
 from chia_prefect.members.limits import ensure_limit, member_slot
 from chia_prefect.members.scheduling import Watch, announce_start
-from chia_prefect.runner import result_leaves_pickled
+from chia_prefect.runner import member_client, result_leaves_pickled
 
 if TYPE_CHECKING:
     from chia_prefect.members.host import MemberHost
@@ -504,7 +504,8 @@ class MemberTask(Task[P, R]):
                     return future.state
                 return future.result()
             args, kwargs = self._bind_args(args, kwargs)
-            return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
+            with member_client():
+                return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
 
         def submit(self, *args: Any, **kwargs: Any) -> Any:
             control = {k: kwargs.pop(k) for k in ("return_state", "wait_for") if k in kwargs}
