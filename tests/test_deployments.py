@@ -173,7 +173,17 @@ def test_readme_deployment_block_as_written_then_every_deployment(tmp_path):
                 os.killpg(shell.pid, sig)  # the server and worker the block left running
             except ProcessLookupError:
                 break
-            time.sleep(5)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and _group_alive(shell.pid):
+                time.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _sqlite(path: Path, sql: str) -> list[tuple]:
