@@ -414,8 +414,8 @@ def _worker_client(settings_ctx: SettingsContext) -> SyncClientContext | None:
 @contextmanager
 def member_client() -> Iterator[None]:
     """For a member called outside a flow run: Prefect opens a new API client for every task
-    run it finds no client for (~30 ms, most of it building a TLS context); share this
-    process's client for the current settings instead."""
+    run it finds no client for, most of the cost building a TLS context; share this process's
+    client for the current settings instead."""
     settings_ctx = SettingsContext.get()
     client_ctx = None
     if SyncClientContext.get() is None and settings_ctx is not None:

@@ -152,7 +152,7 @@ def test_a_second_api_gets_its_own_client(tmp_path):
 
 
 def test_members_called_outside_a_flow_share_one_client(sqlite_db):
-    """Prefect opens a new API client for each task run outside a flow run (~30 ms of TLS
+    """Prefect opens a new API client for each task run outside a flow run (mostly TLS
     setup); a member called there uses this process's client for the current API instead."""
     runner._clients.clear()
     sqlite_db.init_schema("CREATE TABLE t (x INTEGER)")
