@@ -327,8 +327,8 @@ def test_served_deployment_thirty_runs_no_growth(ray_cluster, tmp_path):
     growth["serve"] = _slope([s["serve_fds"] for s in window])
     transient = [len(set(s["fds"]) - lasting) for s in window]
     third = len(window) // 3
-    per_sample = {name: [s["fds"][int(name.split()[-1])][1] for s in window] for name in growth
-                  if name.startswith(("raylet", "gcs_server"))}
+    per_sample = {f"{window[0]['fds'][pid][0]} {pid}": [s["fds"][pid][1] for s in window] for pid in lasting
+                  if window[0]["fds"][pid][0] in ("raylet", "gcs_server")}
     print(f"served {SERVED_RUNS} runs: Ray daemons' fds per sample {per_sample}")
     print(f"served {SERVED_RUNS} runs: groups {[s['groups'] for s in samples]}, actors {actors[0]}->{actors[-1]}, "
           f"fd slopes per lasting Ray process {growth}, transient Ray processes {transient}, "
