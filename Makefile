@@ -32,8 +32,16 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/chia-prefect demo
 
+# make test runs the suite in two phases: the tests not marked `serial` on TEST_WORKERS
+# pytest-xdist workers (each with its own Prefect API, Ray cluster and PostgreSQL; a test
+# file stays on one worker), then the `serial` ones alone. Exit status 5 (no test selected
+# in a phase) counts as success; any other failure fails the target after both phases ran.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@s=0; \
+	$(PY) -m pytest --phase=parallel -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || { c=$$?; [ $$c = 5 ] || s=$$c; }; \
+	$(PY) -m pytest --phase=serial $(PYTEST_ARGS) || { c=$$?; [ $$c = 5 ] || s=$$c; }; \
+	exit $$s
 
 # ruff on the code, tests, benchmarks and tools; mypy --strict on the package (pyproject.toml has both configs).
 lint: $(VENV)/.installed

@@ -19,9 +19,10 @@ import uuid
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-if "PREFECT_HOME" not in os.environ:
-    # A home of this session's own, removed when the session ends (one was left per run).
-    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="chia-prefect-home-")
+if os.environ.get("PREFECT_HOME") in (None, os.environ.get("CHIA_TEST_PREFECT_HOME")):
+    # A home of this session's own (each pytest-xdist worker makes its own rather than share
+    # the one it inherits), removed when the session ends (one was left in /tmp per run).
+    os.environ["PREFECT_HOME"] = os.environ["CHIA_TEST_PREFECT_HOME"] = tempfile.mkdtemp(prefix="chia-prefect-home-")
     atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
@@ -149,12 +150,27 @@ def any_db(request):
     return request.getfixturevalue("postgres_db")
 
 
-def pytest_collection_modifyitems(items):
+def pytest_addoption(parser):
+    parser.addoption(
+        "--phase", choices=("all", "parallel", "serial"), default="all",
+        help="all: every selected test; parallel: those not marked serial (make test runs them "
+             "under pytest-xdist); serial: only those marked serial (make test runs them after)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
     """A test that needs the PostgreSQL server, through any fixture, is marked `postgres`,
-    so `-m "not postgres"` runs every SQLite case and nothing that needs the server."""
+    so `-m "not postgres"` runs every SQLite case and nothing that needs the server.
+    `--phase` keeps the serial tests, or all the others."""
     for item in items:
         if "postgres_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.postgres)
+    phase = config.getoption("phase")
+    if phase == "all":
+        return
+    keep = [item for item in items if (item.get_closest_marker("serial") is not None) == (phase == "serial")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
 
 
 @pytest.hookimpl(wrapper=True)

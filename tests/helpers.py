@@ -40,3 +40,33 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, interval: fl
 # Objects of this test process that a flow reads by name: a flow function travels to Ray
 # workers by value, with the globals it uses, and these (a Ray cluster) do not pickle.
 SHARED: dict[str, Any] = {}
+
+
+def session_ray_processes() -> dict[int, str]:
+    """This session's Ray processes, by PID with the name each runs under: the connected
+    cluster's GCS and raylets (found by its session directory in their command lines) and the
+    raylets' children (workers and actors, `ray::<task>`; agents). Other clusters on the
+    machine (a second pytest worker's, a `ray start` test's) are not included."""
+    from pathlib import Path
+
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    daemons: dict[int, str] = {}
+    children: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            argv0 = argv[0].decode(errors="replace")
+            if argv0.endswith(("/raylet", "/gcs_server")):
+                if any(session.encode() in arg for arg in argv):
+                    daemons[int(entry.name)] = argv0.rsplit("/", 1)[-1]
+            elif argv0.startswith("ray::"):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children[int(entry.name)] = (ppid, argv0.strip())
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    raylets = {pid for pid, name in daemons.items() if name == "raylet"}
+    return {**daemons, **{pid: name for pid, (ppid, name) in children.items() if ppid in raylets}}

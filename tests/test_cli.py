@@ -62,6 +62,7 @@ WRONG_INPUTS = [
 ]
 
 
+@pytest.mark.serial  # times the CLI's start: under a second test's load it can pass 3 s
 @pytest.mark.parametrize("args, env, words", WRONG_INPUTS, ids=[" ".join(a[:3]) + str(e) for a, e, _ in WRONG_INPUTS])
 def test_wrong_input_fails_fast_in_one_line(saved, args, env, words):
     code, out, err, seconds = run(*args, env=env)
@@ -191,6 +192,7 @@ def test_plan_shows_drift_and_lint_and_migrate_refuses_them(saved, tmp_path):
     assert "lint: 0002_drop statement 1" in out and "drift allowed (--allow-drift): + column runs.note" in out
 
 
+@pytest.mark.serial  # times itself
 def test_an_unreachable_ray_address_fails_in_seconds(saved):
     code, out, err, seconds = run("migrate", "--block", "cli-app", "--dir", str(MIGRATIONS),
                                   env={"RAY_ADDRESS": "127.0.0.1:9"})

@@ -16,7 +16,7 @@ import time
 
 import psutil
 import pytest
-from helpers import SHARED, wait_until
+from helpers import SHARED, session_ray_processes, wait_until
 from prefect import flow
 from prefect_ray import RayTaskRunner
 
@@ -41,11 +41,14 @@ POSTGRES_CONTROL_INSERT = "INSERT INTO t (x) SELECT %s FROM generate_series(1, 3
 
 
 def workers_running(task_name: str) -> list[psutil.Process]:
+    """This session's Ray workers running `task_name` (not another pytest worker's)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if cmdline.startswith(f"ray::{task_name}"):
-            found.append(proc)
+    for pid, name in session_ray_processes().items():
+        if name.startswith(f"ray::{task_name}"):
+            try:
+                found.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                continue
     return found
 
 

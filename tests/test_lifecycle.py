@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from helpers import soak_count, wait_until
+from helpers import session_ray_processes, soak_count, wait_until
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
@@ -234,16 +234,12 @@ def _rss_mb(pid: int) -> float:
 
 
 def _ray_process_fds() -> dict[int, tuple[str, int]]:
-    """Open file descriptors of every Ray process on this machine: workers and actors (`ray::`),
-    raylets and GCS servers, by PID with the process's name."""
+    """Open file descriptors of this session's Ray processes: workers and actors (`ray::`),
+    raylets and the GCS, by PID with the process's name (`helpers.session_ray_processes`)."""
     found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid, name in session_ray_processes().items():
         try:
-            argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            if argv0.startswith("ray::") or argv0.endswith(("/raylet", "/gcs_server")):
-                found[int(proc.name)] = (argv0.rsplit("/", 1)[-1], len(list((proc / "fd").iterdir())))
+            found[pid] = (name, len(os.listdir(f"/proc/{pid}/fd")))
         except OSError:
             continue  # gone meanwhile
     return found

@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.serial, pytest.mark.slow, pytest.mark.ray]
 
 
 def free_port() -> int:
@@ -36,28 +36,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pids_under(marker: str) -> list[int]:
-    """Processes whose command line mentions `marker` (the cluster's temp dir)."""
+def pids_under(*markers: str) -> list[int]:
+    """Processes whose command line or environment mentions one of `markers` (the cluster's
+    temp dir, its token). Ray's agents and its client server rename themselves or name only
+    addresses in their command lines; they keep `ray start`'s token in their environment, so
+    the environment finds them (by the temp dir in the command line alone, five of them
+    outlived every run)."""
+    wanted = [marker.encode() for marker in markers]
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(entry.name))
+                seen = (entry / "cmdline").read_bytes() + b"\0" + (entry / "environ").read_bytes()
             except OSError:
-                pass
+                continue
+            if any(marker in seen for marker in wanted):
+                found.append(int(entry.name))
     return [pid for pid in found if pid != os.getpid()]
 
 
-def stop_by_pid(marker: str) -> None:
+def stop_by_pid(*markers: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids_under(marker):
+        for pid in pids_under(*markers):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 10
-        while pids_under(marker) and time.monotonic() < deadline:
+        while pids_under(*markers) and time.monotonic() < deadline:
             time.sleep(0.2)
 
 
@@ -93,8 +99,8 @@ def ray_start_cluster(tmp_path_factory, prefect_api):
         if keep:
             shutil.copytree(base / "ray-head", keep, dirs_exist_ok=True, ignore_dangling_symlinks=True,
                             ignore=shutil.ignore_patterns("sockets", "*.sock"))
-        stop_by_pid(str(base))
-        assert not pids_under(str(base)), "ray start processes outlived the test"
+        stop_by_pid(str(base), f"RAY_AUTH_TOKEN={token}")
+        assert not pids_under(str(base), f"RAY_AUTH_TOKEN={token}"), "ray start processes outlived the test"
         shutil.rmtree(base, ignore_errors=True)
 
 
