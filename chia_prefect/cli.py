@@ -208,7 +208,9 @@ def _runner(debug: bool) -> Any:
     quiet = {} if debug else {"log_to_driver": False}
     if os.environ.get("RAY_ADDRESS"):
         return RayTaskRunner(address=os.environ["RAY_ADDRESS"], init_kwargs=quiet)
-    return RayTaskRunner(init_kwargs={"address": "local", "num_cpus": 2, "include_dashboard": False, **quiet})
+    from chia_prefect.local import OneRunRayTaskRunner
+
+    return OneRunRayTaskRunner(init_kwargs={"address": "local", "num_cpus": 2, "include_dashboard": False, **quiet})
 
 
 def _one_line(exc: BaseException) -> str:

@@ -12,7 +12,9 @@ one before Ray does and export its URL; Ray workers inherit the environment.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,11 +52,57 @@ def ship_by_value(module_name: str) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
+def ray_session_dir() -> str | None:
+    """The session folder (logs, sockets) of the Ray this process is connected to, if any."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node.get_session_dir_path() if node is not None else None
+
+
+def remove_ray_session(session: str | None) -> None:
+    """Delete a local Ray's session folder once that Ray has stopped.
+
+    Ray keeps every session's folder (`/tmp/ray/session_*`, 0.3-1 MB of logs each), so a
+    command that starts a local Ray on a schedule would fill `/tmp` over months. A Ray this
+    package started in-process is removed with its folder; `CHIA_KEEP_RAY_SESSION=1` keeps
+    the folders (to read the workers' logs).
+    """
+    if not session or os.environ.get("CHIA_KEEP_RAY_SESSION"):
+        return
+    shutil.rmtree(session, ignore_errors=True)
+    latest = os.path.join(os.path.dirname(session), "session_latest")
+    try:
+        if os.path.islink(latest) and os.readlink(latest) == session:
+            os.unlink(latest)
+    except OSError:
+        pass  # another process moved the link meanwhile
+
+
+def _stop_local_ray(session: str | None) -> None:
+    import ray
+
+    if ray.is_initialized() and ray_session_dir() == session:
+        ray.shutdown()
+    remove_ray_session(session)
+
+
+class OneRunRayTaskRunner(RayTaskRunner[Any]):
+    """The stock runner, on a Ray it starts for one flow run (the `chia-prefect` command's
+    without RAY_ADDRESS): that Ray's session folder is deleted once it stopped
+    (`remove_ray_session`)."""
+
+    def __exit__(self, *exc_info: Any) -> None:
+        session = ray_session_dir() if self._owns_ray else None
+        super().__exit__(*exc_info)
+        remove_ray_session(session)
+
+
 class ProcessRayTaskRunner(RayTaskRunner[Any]):
     """`RayTaskRunner` on this process's local Ray (`LOCAL_RAY`: 2 CPUs, eight idle workers
     kept warm): the first flow run that needs
     it starts it, later flow runs of the process reuse it, and it stops when the process
-    exits. A script that calls `migrate` twice pays Ray's start once, and no flow run shuts
+    exits, its session folder deleted (`remove_ray_session`). A script that calls `migrate` twice pays Ray's start once, and no flow run shuts
     Ray down under another one's feet."""
 
     def __enter__(self) -> Any:
@@ -62,7 +110,10 @@ class ProcessRayTaskRunner(RayTaskRunner[Any]):
 
         with _start_lock:
             if not ray.is_initialized():
-                ray.init(**self.init_kwargs)  # ray.init registers its own shutdown at exit
+                ray.init(**self.init_kwargs)
+                # Runs before the shutdown ray.init registered (atexit is last in, first out):
+                # stop Ray, then delete its session folder.
+                atexit.register(_stop_local_ray, ray_session_dir())
         return super().__enter__()
 
 

@@ -77,8 +77,12 @@ def ray_cluster(prefect_api):
     cluster.wait_for_nodes()
     head_id = ray.get_runtime_context().get_node_id()
     yield {"cluster": cluster, "head": head_id, "second": worker.node_id}
+    session = cluster.head_node.get_session_dir_path()
     ray.shutdown()
     cluster.shutdown()
+    from chia_prefect.local import remove_ray_session
+
+    remove_ray_session(session)  # logs and sockets; CHIA_KEEP_RAY_SESSION=1 keeps them
 
 
 # --- SQLite -------------------------------------------------------------------------
