@@ -100,10 +100,10 @@ class OneRunRayTaskRunner(RayTaskRunner[Any]):
 
 class ProcessRayTaskRunner(RayTaskRunner[Any]):
     """`RayTaskRunner` on this process's local Ray (`LOCAL_RAY`: 2 CPUs, eight idle workers
-    kept warm): the first flow run that needs
-    it starts it, later flow runs of the process reuse it, and it stops when the process
-    exits, its session folder deleted (`remove_ray_session`). A script that calls `migrate` twice pays Ray's start once, and no flow run shuts
-    Ray down under another one's feet."""
+    kept warm): the first flow run that needs it starts it, later flow runs of the process
+    reuse it, and it stops when the process exits, its session folder deleted
+    (`remove_ray_session`). A script that calls `migrate` twice pays Ray's start once, and
+    no flow run shuts Ray down under another one's feet."""
 
     def __enter__(self) -> Any:
         import ray
