@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -47,11 +51,10 @@ def session_ray_processes() -> dict[int, str]:
     cluster's GCS and raylets (found by its session directory in their command lines) and the
     raylets' children (workers and actors, `ray::<task>`; agents). Other clusters on the
     machine (a second pytest worker's, a `ray start` test's) are not included."""
-    from pathlib import Path
+    from chia_prefect.local import ray_session_dir
 
-    import ray
-
-    session = ray._private.worker._global_node.get_session_dir_path()
+    session = ray_session_dir()
+    assert session, "not connected to Ray"
     daemons: dict[int, str] = {}
     children: dict[int, tuple[int, str]] = {}
     for entry in Path("/proc").iterdir():
@@ -70,3 +73,17 @@ def session_ray_processes() -> dict[int, str]:
             continue  # gone meanwhile
     raylets = {pid for pid, name in daemons.items() if name == "raylet"}
     return {**daemons, **{pid: name for pid, (ppid, name) in children.items() if ppid in raylets}}
+
+
+@contextmanager
+def ray_tmpdir_left_clean() -> Iterator[str]:
+    """A RAY_TMPDIR for commands that start a local Ray; when the block ends, each of those
+    Rays must have deleted its session folder there (Ray keeps them; chia-prefect removes
+    the ones it started)."""
+    folder = Path(tempfile.mkdtemp(prefix="cr-"))  # AF_UNIX paths in it must stay under 107 bytes
+    try:
+        yield str(folder)
+        assert (folder / "ray").is_dir() and not list((folder / "ray").glob("session_*")), \
+            sorted(p.name for p in (folder / "ray").iterdir())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -9,16 +9,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import ray_tmpdir_left_clean, wait_until
 
 from chia_prefect import PostgresNode, SQLiteNode
 
@@ -110,35 +108,31 @@ def test_plan_migrate_maintain_on_a_saved_node(saved, tmp_path):
     assert "create_runs" in out and "add_score" in out and "create_tags" not in out
     assert not saved["db"].exists()  # the plan wrote nothing
 
-    # Each command's local Ray keeps its session folder (logs) under RAY_TMPDIR while it runs.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="cr-"))  # AF_UNIX paths in it must stay under 107 bytes
-    code, out, err, _ = run("migrate", "--block", "sqlite-node/cli-app", "--dir", str(MIGRATIONS),
-                            env={"RAY_TMPDIR": str(ray_tmp)})
-    assert code == 0, err
-    assert "version 0 -> 3; applied: 0001_create_runs, 0002_add_score, 0003_create_tags" in out
-    for noise in ("ERROR", "Traceback", "Failed", "Connecting to an existing Ray instance at local",
-                  "Token authentication", "RAY_DEDUP_LOGS"):
-        assert noise not in out + err, (noise, err[-3000:])
-    # Nothing Failed in the UI either (the first migration's version probe used to be a
-    # failing task run): every task run of the run and its subflow completed.
-    runs = re.findall(r"/runs/flow-run/([0-9a-f-]{36})", err)
-    assert len(runs) == 2, err
-    states = wait_until(lambda: _task_states(runs), timeout=30)
-    assert states and set(states) == {"COMPLETED"}, states
+    # Both commands start a Ray under RAY_TMPDIR and delete its session folder when it stops
+    # (Ray keeps each one: a command run on a schedule filled /tmp/ray).
+    with ray_tmpdir_left_clean() as ray_tmp:
+        code, out, err, _ = run("migrate", "--block", "sqlite-node/cli-app", "--dir", str(MIGRATIONS),
+                                env={"RAY_TMPDIR": ray_tmp})
+        assert code == 0, err
+        assert "version 0 -> 3; applied: 0001_create_runs, 0002_add_score, 0003_create_tags" in out
+        for noise in ("ERROR", "Traceback", "Failed", "Connecting to an existing Ray instance at local",
+                      "Token authentication", "RAY_DEDUP_LOGS"):
+            assert noise not in out + err, (noise, err[-3000:])
+        # Nothing Failed in the UI either (the first migration's version probe used to be a
+        # failing task run): every task run of the run and its subflow completed.
+        runs = re.findall(r"/runs/flow-run/([0-9a-f-]{36})", err)
+        assert len(runs) == 2, err
+        states = wait_until(lambda: _task_states(runs), timeout=30)
+        assert states and set(states) == {"COMPLETED"}, states
 
-    code, out, err, _ = run("migrate", "--block", "cli-app", "--dir", str(MIGRATIONS), "--dry-run")
-    assert code == 0 and "current version 3, target 3: nothing to apply." in out, err
+        code, out, err, _ = run("migrate", "--block", "cli-app", "--dir", str(MIGRATIONS), "--dry-run")
+        assert code == 0 and "current version 3, target 3: nothing to apply." in out, err
 
-    backups = tmp_path / "backups"
-    code, out, err, _ = run("maintain", "--block", "cli-app", "--backup-dir", str(backups), "--keep", "2",
-                            env={"RAY_TMPDIR": str(ray_tmp)})
-    assert code == 0, err
-    assert "integrity: ok" in out and len(list(backups.glob("*.db"))) == 1
-    # Both commands started a Ray there, and deleted its session folder when it stopped (Ray
-    # keeps each one: a command run on a schedule filled /tmp/ray).
-    assert (ray_tmp / "ray").is_dir() and not list((ray_tmp / "ray").glob("session_*")), \
-        sorted(p.name for p in (ray_tmp / "ray").iterdir())
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+        backups = tmp_path / "backups"
+        code, out, err, _ = run("maintain", "--block", "cli-app", "--backup-dir", str(backups), "--keep", "2",
+                                env={"RAY_TMPDIR": ray_tmp})
+        assert code == 0, err
+        assert "integrity: ok" in out and len(list(backups.glob("*.db"))) == 1
 
 
 def _task_states(flow_run_ids: list[str]) -> list[str] | None:

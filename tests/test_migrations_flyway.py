@@ -5,11 +5,9 @@ migrator, drift and lint. Both engines, real servers."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -17,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import ray_tmpdir_left_clean
 
 from chia_prefect.errors import MigrationError, MigrationLintError, MigrationLockError, SchemaDriftError
 from chia_prefect.migrations import VERSION_TABLE, live_schema, load_migrations, migrate, plan
@@ -424,14 +423,11 @@ with SQLiteNode(db_path=sys.argv[1]) as db:
 def test_a_script_without_ray_migrates_twice_on_one_local_ray(tmp_path):
     # The first flow run starts the process's local Ray, the second reuses it; Ray stops at
     # exit, and its session folder (logs, under RAY_TMPDIR here) is deleted then.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="cr-"))  # AF_UNIX paths in it must stay under 107 bytes
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(ray_tmp)}
-    done = subprocess.run([sys.executable, "-c", TWICE, str(tmp_path / "twice.db")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-3000:]
-    assert "OUTCOMES [1] [2]" in out
-    assert out.count("Started a local Ray instance") == 1 and "core worker has already been shutdown" not in out
-    assert (ray_tmp / "ray").is_dir() and not list((ray_tmp / "ray").glob("session_*")), \
-        sorted(p.name for p in (ray_tmp / "ray").iterdir())
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    with ray_tmpdir_left_clean() as ray_tmp:
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
+        done = subprocess.run([sys.executable, "-c", TWICE, str(tmp_path / "twice.db")], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out[-3000:]
+        assert "OUTCOMES [1] [2]" in out
+        assert out.count("Started a local Ray instance") == 1 and "core worker has already been shutdown" not in out
