@@ -149,14 +149,17 @@ def _task_states(flow_run_ids: list[str]) -> list[str] | None:
     return states if len(states) >= 8 and set(states) <= final else None
 
 
-def test_a_failing_migration_prints_one_error(saved, tmp_path):
+def test_a_failing_migration_prints_one_error(saved, tmp_path, ray_cluster):
     folder = tmp_path / "typo"
     folder.mkdir()
     (folder / "0001_create.sql").write_text("CREATE TABLE runs (id INTEGER PRIMARY KEY);\n")
     (folder / "0002_typo.sql").write_text("CREAT TABLE tags (id INTEGER);\n")
     db_path = tmp_path / "typo.db"
     SQLiteNode(db_path=str(db_path)).save("cli-typo", overwrite=True)
-    code, out, err, seconds = run("migrate", "--block", "cli-typo", "--dir", str(folder))
+    # On a running cluster (RAY_ADDRESS), as a scheduled command would be; the command's own
+    # local Ray is test_plan_migrate_maintain_on_a_saved_node's.
+    on_cluster = {"RAY_ADDRESS": ray_cluster["cluster"].address}
+    code, out, err, seconds = run("migrate", "--block", "cli-typo", "--dir", str(folder), env=on_cluster)
     assert code == 1
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("chia-prefect migrate: error: MigrationError: "), err
@@ -166,33 +169,34 @@ def test_a_failing_migration_prints_one_error(saved, tmp_path):
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT version FROM chia_schema_versions").fetchall() == [(1,)]
     conn.close()
-    code, _, err, _ = run("--debug", "migrate", "--block", "cli-typo", "--dir", str(folder))
+    code, _, err, _ = run("--debug", "migrate", "--block", "cli-typo", "--dir", str(folder), env=on_cluster)
     assert code == 1 and "Traceback" in err
 
 
-def test_plan_shows_drift_and_lint_and_migrate_refuses_them(saved, tmp_path):
+def test_plan_shows_drift_and_lint_and_migrate_refuses_them(saved, tmp_path, ray_cluster):
+    on_cluster = {"RAY_ADDRESS": ray_cluster["cluster"].address}  # as in the test above
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "0001_create.sql").write_text("CREATE TABLE runs (id INTEGER PRIMARY KEY, label TEXT);\n")
     db_path = tmp_path / "drift.db"
     SQLiteNode(db_path=str(db_path)).save("cli-drift", overwrite=True)
-    code, out, err, _ = run("migrate", "--block", "cli-drift", "--dir", str(folder))
+    code, out, err, _ = run("migrate", "--block", "cli-drift", "--dir", str(folder), env=on_cluster)
     assert code == 0 and "version 0 -> 1; applied: 0001_create" in out, err
     with sqlite3.connect(db_path) as conn:
         conn.execute("ALTER TABLE runs ADD COLUMN note TEXT")  # by hand: drift
     conn.close()
     (folder / "0002_drop.sql").write_text("ALTER TABLE runs DROP COLUMN label;\n")
 
-    code, out, err, seconds = run("plan", "--block", "cli-drift", "--dir", str(folder))
+    code, out, err, seconds = run("plan", "--block", "cli-drift", "--dir", str(folder), env=on_cluster)
     assert code == 0, err
     assert "current version 1, target 2; 1 pending:" in out and "drift: the schema changed outside" in out
     assert "+ column runs.note: TEXT" in out
     assert "lint: 1 warning (--strict refuses):" in out and "0002_drop statement 1: ALTER TABLE runs DROP COLUMN" in out
 
-    code, out, err, _ = run("migrate", "--block", "cli-drift", "--dir", str(folder))
+    code, out, err, _ = run("migrate", "--block", "cli-drift", "--dir", str(folder), env=on_cluster)
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert code == 1 and len(errors) == 1 and "SchemaDriftError" in errors[0] and "runs.note" in errors[0], err
-    code, out, err, _ = run("migrate", "--block", "cli-drift", "--dir", str(folder), "--allow-drift")
+    code, out, err, _ = run("migrate", "--block", "cli-drift", "--dir", str(folder), "--allow-drift", env=on_cluster)
     assert code == 0 and "version 1 -> 2; applied: 0002_drop" in out, err
     assert "lint: 0002_drop statement 1" in out and "drift allowed (--allow-drift): + column runs.note" in out
 
