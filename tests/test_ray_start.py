@@ -27,7 +27,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-pytestmark = [pytest.mark.serial, pytest.mark.slow, pytest.mark.ray]
+# Not `serial`: `ray start --temp-dir=...` writes the cluster's address file
+# (`ray_current_cluster`) into that temp dir, not /tmp/ray, so an address-less `ray.init()`
+# elsewhere on the machine does not find this cluster; every driver here names its address.
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def free_port() -> int:
