@@ -6,6 +6,7 @@ Prefect tasks, placed on Ray, kept within a node's concurrency cap, and bounded 
 - `placement`: where a node's members run (placement groups, node pins).
 - `reservations`: who holds a placement group, and its release when the use ends.
 - `scheduling`: the bounded wait of a member in Ray's queue.
+- `_gate`: the actor behind that wait, in a module of its own so Ray gets it by value.
 - `limits`: the Prefect global concurrency limit behind `max_concurrency`.
 
 It reads a node only through `MemberHost` (chia_prefect.members.host), never its private

@@ -27,60 +27,13 @@ import time
 from typing import Any, cast
 
 from chia_prefect.errors import SchedulingTimeoutError
+from chia_prefect.members import _gate
+from chia_prefect.members._gate import WORKER_START_S, Gate
 
 GATE_NAMESPACE = "chia-prefect"
-# A started member is remembered at least this long (and twice the longest timeout asked).
-_REMEMBER_S = 600.0
-# How much longer than its timeout a member whose resources are ready may wait for a worker.
-WORKER_START_S = 30.0
-
 _driver_gates: dict[str, Any] = {}
 _worker_gates: dict[str, Any] = {}
 _gates_lock = threading.Lock()
-
-
-class Gate:
-    """Ray actor (one per driver job, no CPU): which members started, which were abandoned."""
-
-    def __init__(self) -> None:
-        self.started: dict[str, float] = {}
-        self.abandoned: dict[str, float] = {}
-        self.last_start: dict[str, float] = {}
-        self.remember_s = _REMEMBER_S
-        self.calls = 0
-
-    def start(self, task_run_id: str, shape: str) -> bool:
-        now = time.time()
-        if task_run_id in self.abandoned:
-            return False
-        self.started[task_run_id] = now
-        self.last_start[shape] = now
-        self._forget(now)
-        return True
-
-    def abandon(self, task_run_id: str, shape: str, window_s: float, warming: bool = False) -> str:
-        """'started', 'moving' (others of its shape started lately, or its resources are ready
-        and a worker is starting: `warming`) or 'abandoned'."""
-        now = time.time()
-        self.remember_s = max(self.remember_s, 2 * window_s + WORKER_START_S)
-        if task_run_id in self.started:
-            return "started"
-        if warming or self.last_start.get(shape, 0.0) > now - window_s:
-            return "moving"
-        self.abandoned[task_run_id] = now
-        return "abandoned"
-
-    def ping(self) -> bool:
-        return True
-
-    def _forget(self, now: float) -> None:
-        self.calls += 1
-        if self.calls % 1024:
-            return
-        horizon = now - self.remember_s
-        for table in (self.started, self.abandoned):
-            for key in [k for k, t in table.items() if t < horizon]:
-                del table[key]
 
 
 def _gate_name(job_id: str) -> str:
@@ -95,6 +48,11 @@ def driver_gate() -> Any:
     with _gates_lock:
         gate: Any = _driver_gates.get(job_id)
         if gate is None:
+            # Shipped by value: the actor's process then imports only Ray, not chia_prefect
+            # and Prefect (a gate per flow run's job took 1.7 s of CPU to start, 0.6 s now).
+            import ray.cloudpickle
+
+            ray.cloudpickle.register_pickle_by_value(_gate)
             gate = ray.remote(Gate).options(
                 name=_gate_name(job_id), namespace=GATE_NAMESPACE, get_if_exists=True,
                 num_cpus=0, max_restarts=0,
