@@ -34,13 +34,12 @@ demo: $(VENV)/.installed-demo
 
 # make test runs the suite in two phases: the tests not marked `serial` on TEST_WORKERS
 # pytest-xdist workers (each with its own Prefect API, Ray cluster and PostgreSQL; a test
-# file stays on one worker; the longest files first, tests/conftest.py LONGEST_FIRST), then
-# the `serial` ones alone. Exit status 5 (no test selected in a phase) counts as success;
-# any other failure fails the target after both phases ran.
+# file stays on one worker), then the `serial` ones alone. Exit status 5 (no test selected
+# in a phase) counts as success; any other failure fails the target after both phases ran.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	@s=0; \
-	$(PY) -m pytest --phase=parallel -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) || { c=$$?; [ $$c = 5 ] || s=$$c; }; \
+	$(PY) -m pytest --phase=parallel -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || { c=$$?; [ $$c = 5 ] || s=$$c; }; \
 	$(PY) -m pytest --phase=serial $(PYTEST_ARGS) || { c=$$?; [ $$c = 5 ] || s=$$c; }; \
 	exit $$s
 

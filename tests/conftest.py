@@ -170,20 +170,10 @@ def pytest_addoption(parser):
     )
 
 
-# The parallel phase hands whole files to its workers in collection order (`make test` passes
-# `--dist loadfile --no-loadscope-reorder`; pytest-xdist would otherwise start with the files
-# of most tests, leaving files of a few long tests for the end, when one worker may idle). These
-# files take longest under CI's load (2026-12-05), so they go first; the rest keep their order.
-LONGEST_FIRST = ("test_ray_start.py", "test_lifecycle.py", "test_cli.py", "test_connection_limits.py",
-                 "test_deployments.py", "test_kill.py", "test_migrations_flyway.py", "test_ui.py",
-                 "test_migrations.py", "test_demo.py", "test_load.py", "test_runner.py", "test_query_tool.py")
-
-
 def pytest_collection_modifyitems(config, items):
     """A test that needs the PostgreSQL server, through any fixture, is marked `postgres`,
     so `-m "not postgres"` runs every SQLite case and nothing that needs the server.
-    `--phase` keeps the serial tests, or all the others; the parallel phase puts the files of
-    LONGEST_FIRST first."""
+    `--phase` keeps the serial tests, or all the others."""
     for item in items:
         if "postgres_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.postgres)
@@ -192,9 +182,6 @@ def pytest_collection_modifyitems(config, items):
         return
     keep = [item for item in items if (item.get_closest_marker("serial") is not None) == (phase == "serial")]
     config.hook.pytest_deselected(items=[item for item in items if item not in keep])
-    if phase == "parallel":
-        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-        keep.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
     items[:] = keep
 
 
