@@ -28,7 +28,7 @@ from typing import Any, cast
 
 from chia_prefect.errors import SchedulingTimeoutError
 from chia_prefect.members import _gate
-from chia_prefect.members._gate import WORKER_START_S, Gate
+from chia_prefect.members._gate import WORKER_START_S
 
 GATE_NAMESPACE = "chia-prefect"
 _driver_gates: dict[str, Any] = {}
@@ -53,7 +53,7 @@ def driver_gate() -> Any:
             import ray.cloudpickle
 
             ray.cloudpickle.register_pickle_by_value(_gate)
-            gate = ray.remote(Gate).options(
+            gate = ray.remote(_gate.Gate).options(
                 name=_gate_name(job_id), namespace=GATE_NAMESPACE, get_if_exists=True,
                 num_cpus=0, max_restarts=0,
             ).remote()
