@@ -49,7 +49,7 @@ from prefect.context import (
     TaskRunContext,
     serialize_context,
 )
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.logging.loggers import get_logger
 from prefect.task_engine import run_task_async, run_task_sync
 from prefect.utilities.collections import visit_collection
@@ -333,11 +333,44 @@ class FastRayTaskRunner(RayTaskRunner[Any]):
 _exit_hooks: list[Callable[[Any], None]] = []
 
 
-def add_exit_hook(hook: Callable[[Any], None]) -> None:
-    """Call `hook(runner)` as every `FastRayTaskRunner` exits, once per hook. The runner
-    imports nothing else of chia-prefect: the package's parts register what they need."""
+def add_exit_hook(hook: Callable[[Any], None], first: bool = False) -> None:
+    """Call `hook(runner)` as every `FastRayTaskRunner` exits, once per hook (`first`: before
+    the others). The runner imports nothing else of chia-prefect: the package's parts
+    register what they need."""
     if hook not in _exit_hooks:
-        _exit_hooks.append(hook)
+        _exit_hooks.insert(0, hook) if first else _exit_hooks.append(hook)
+
+
+def _driver_futures_to_ray(ray: Any, value: Any) -> Any:
+    """A future of a task run in a thread of this process (a chia-prefect member's task
+    engine runs on the driver) cannot travel to a Ray worker: wait for it here and pass its
+    final state through Ray's object store, as a Ray future the worker resolves."""
+    def swap(expr: Any) -> Any:
+        if isinstance(expr, PrefectConcurrentFuture):
+            expr.wait()
+            return PrefectRayFuture(task_run_id=expr.task_run_id, wrapped_future=ray.put(expr.state))
+        return expr
+
+    return visit_collection(value, visit_fn=swap, return_data=True)
+
+
+def _exchange_driver_futures(submit: Callable[..., Any]) -> Callable[..., Any]:
+    def exchanging_submit(self: Any, task: Any, parameters: dict[str, Any], wait_for: Any = None,
+                          dependencies: Any = None) -> Any:
+        import ray
+
+        parameters = _driver_futures_to_ray(ray, parameters)
+        if wait_for:
+            wait_for = _driver_futures_to_ray(ray, list(wait_for))
+        return submit(self, task, parameters, wait_for=wait_for, dependencies=dependencies)
+
+    exchanging_submit.__wrapped__ = submit  # type: ignore[attr-defined]
+    return exchanging_submit
+
+
+if not hasattr(RayTaskRunner.submit, "__wrapped__"):
+    RayTaskRunner.submit = _exchange_driver_futures(RayTaskRunner.submit)  # type: ignore[method-assign]
+FastRayTaskRunner.submit = _exchange_driver_futures(FastRayTaskRunner.submit)  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------- worker side
@@ -470,27 +503,65 @@ def _run_prefect_task_fast(
         SettingsContext.__var__.reset(settings_token)
 
 
-@contextmanager
-def _events_sent_to(settings_ctx: SettingsContext) -> Iterator[None]:
-    """Route this task's events (task runs are recorded from them) to the settings' API.
+_events_lock = threading.Lock()
+_events_routes: dict[str, int] = {}  # API URL -> how many task runs now send their events there
+_events_before: list[Any] = []  # the override in place before the first of them
+
+
+def route_events(url: str | None, cloud: str | None) -> str | None:
+    """Send this process's task run events to `url` from now until `unroute_events(url)`.
 
     Prefect keeps one events worker per process for every non-Cloud API, bound to the URL
-    it saw first, so a worker that served another API before would send them there. Keyed
-    by URL they go where the task's settings say. A Ray worker runs one task at a time, so
-    the process-wide override lasts exactly this task.
+    it saw first, so a process that served another API before would send them there. Keyed
+    by URL they go where the task's settings say. Counted: task runs for the same API may
+    overlap (a flow run's members in its threads); the previous routing comes back when the
+    last one ends. Returns the key to pass to `unroute_events` (None: nothing to undo).
     """
     from prefect.events.clients import PrefectEventsClient
     from prefect.events.worker import EventsWorker
 
-    settings = settings_ctx.settings
-    url = settings.api.url
-    cloud = settings.cloud.api_url
-    if not url or (cloud and str(url).startswith(str(cloud))):
-        yield  # Cloud's events worker is already keyed by URL and key
+    if not url or (cloud and url.startswith(cloud)):
+        return None  # Cloud's events worker is already keyed by URL and key
+    with _events_lock:
+        if not _events_routes:
+            _events_before[:] = [EventsWorker._client_override]
+        _events_routes[url] = _events_routes.get(url, 0) + 1
+        EventsWorker._client_override = (PrefectEventsClient, (("api_url", url),))
+    return url
+
+
+def unroute_events(url: str | None) -> None:
+    from prefect.events.clients import PrefectEventsClient
+    from prefect.events.worker import EventsWorker
+
+    if url is None:
         return
-    previous = EventsWorker._client_override
-    EventsWorker._client_override = (PrefectEventsClient, (("api_url", str(url)),))
+    with _events_lock:
+        left = _events_routes.get(url, 0) - 1
+        if left > 0:
+            _events_routes[url] = left
+        else:
+            _events_routes.pop(url, None)
+        if _events_routes:  # others still run: route to one of theirs
+            EventsWorker._client_override = (PrefectEventsClient, (("api_url", next(iter(_events_routes))),))
+        else:
+            EventsWorker._client_override = _events_before[0] if _events_before else None
+
+
+def settings_api(settings_ctx: SettingsContext | None) -> tuple[str | None, str | None]:
+    """The API URL and the Cloud API URL of these settings."""
+    if settings_ctx is None:
+        return None, None
+    settings = settings_ctx.settings
+    url, cloud = settings.api.url, settings.cloud.api_url
+    return (str(url) if url else None), (str(cloud) if cloud else None)
+
+
+@contextmanager
+def _events_sent_to(settings_ctx: SettingsContext) -> Iterator[None]:
+    """Route this task's events to the settings' API (`route_events`)."""
+    key = route_events(*settings_api(settings_ctx))
     try:
         yield
     finally:
-        EventsWorker._client_override = previous
+        unroute_events(key)

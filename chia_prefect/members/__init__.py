@@ -1,8 +1,9 @@
 """The member machinery: node operations declared once as `@read` or `@write` and bound as
 Prefect tasks, placed on Ray, kept within a node's concurrency cap, and bounded in Ray's queue.
 
-- `binding`: `Member[P, R]`, `MemberTask[P, R]`, `read`, `write`, batch transport, crash
-  reporting.
+- `binding`: `Member[P, R]`, `MemberTask[P, R]`, `read`, `write`, batch transport.
+- `remote`: a member in a flow run on Ray: its task engine on the driver, its body one Ray
+  call; crash reporting, the body's log lines.
 - `placement`: where a node's members run (placement groups, node pins).
 - `reservations`: who holds a placement group, and its release when the use ends.
 - `scheduling`: the bounded wait of a member in Ray's queue.

@@ -13,8 +13,8 @@ the node bound as its first argument. The declaration fixes the policy:
   dies after COMMIT must not be replayed. `with_options(retries=N)` opts back in on both.
 - read: `NO_CACHE`; Ray may replay it (reads are idempotent); opened read-only.
 
-Inside a flow run on `RayTaskRunner`, calling a member (`db.execute(...)`) submits it and
-waits, so it runs where the node's placement says rather than in the flow's process.
+Inside a flow run on `RayTaskRunner`, a member's task engine runs in the flow's process and
+its body goes to Ray, where the node's placement says (`chia_prefect.members.remote`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import gc
 import inspect
 import marshal
 import pickle
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, cast, overload
 
 from prefect import Task
@@ -33,15 +32,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import PrefectFuture, PrefectFutureList
 from prefect.utilities.annotations import unmapped
-from prefect_ray.task_runners import PrefectRayFuture, RayTaskRunner
+from prefect.utilities.callables import get_call_parameters
+from prefect_ray.task_runners import RayTaskRunner
 
 from chia_prefect._sql import ExecResult, RowTable, exec_result
-from chia_prefect.errors import InvalidOperationError, SchedulingTimeoutError
+from chia_prefect.errors import InvalidOperationError
 from chia_prefect.idempotency import AUTO, KEY_PARAMETER, auto_key, check_key
-from chia_prefect.members import reservations
+from chia_prefect.members import remote
 from chia_prefect.members.limits import ensure_limit, member_slot
-from chia_prefect.members.scheduling import Watch, announce_start
-from chia_prefect.runner import member_client, result_leaves_pickled
+from chia_prefect.runner import member_client, result_leaves_pickled, unroute_events
 
 if TYPE_CHECKING:
     from chia_prefect.members.host import MemberHost
@@ -179,7 +178,10 @@ def _dicts_from_marshal(names: list[str], payload: Any) -> list[dict[str, Any]]:
 def _may_box() -> bool:
     """Whether this member's result may leave in a box: it leaves the process pickled, and
     so does the copy Prefect persists if the task run keeps one (a JSON result serializer
-    could not write the box)."""
+    could not write the box). A body on Ray returns to the driver, which persists nothing
+    of it."""
+    if remote.in_body():
+        return True
     if not result_leaves_pickled():
         return False
     ctx = TaskRunContext.get()
@@ -225,8 +227,22 @@ class Member(Generic[P, R]):
         self.signature = _with_key(inspect.signature(fn)) if kind == "write" else inspect.signature(fn)
         self.__doc__ = fn.__doc__
         self.__isabstractmethod__ = abstract
-        self.runner = _make_runner(fn, kind)
+        self.declares_key = KEY_PARAMETER in inspect.signature(fn).parameters
+        self.runner = _make_runner(self)
         self.runner.__signature__ = self.signature  # type: ignore[attr-defined]  # what Prefect binds
+
+    def run_body(self, node: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None) -> Any:
+        """The member's own work where it runs (`args` without the node): its boxed
+        arguments opened, and with an idempotency key (already resolved) run once for it."""
+        args = tuple(map(_unbox, args))
+        kwargs = {k: _unbox(v) for k, v in kwargs.items()}
+        if key is None:
+            return _ship(self.fn(node, *args, **kwargs))
+        if self.declares_key:
+            kwargs[KEY_PARAMETER] = key
+        arguments = (args, {k: v for k, v in kwargs.items() if k not in ("connect_opts", KEY_PARAMETER)})
+        return _ship(node.run_keyed(f"{node.engine}.{self.fn.__name__}", key, lambda: self.fn(node, *args, **kwargs),
+                                    arguments, kwargs.get("connect_opts")))
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -263,25 +279,22 @@ def _with_key(signature: inspect.Signature) -> inspect.Signature:
     return signature.replace(parameters=parameters)
 
 
-def _make_runner(fn: Callable[..., Any], kind: Kind) -> Callable[..., Any]:
-    declares_key = KEY_PARAMETER in inspect.signature(fn).parameters
+def _make_runner(member: Member[Any, Any]) -> Callable[..., Any]:
+    """The task's function: the member's body here, or on Ray when its task run was routed
+    there (`remote`). The idempotency key is resolved here, in the task run."""
+    fn, kind = member.fn, member.kind
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        announce_start(kind)  # on a Ray worker: a write the driver gave up on stops here
         key = kwargs.pop(KEY_PARAMETER, None) if kind == "write" else None
-        with member_slot(args[0] if args else None, fn.__name__):
-            args = tuple(map(_unbox, args))
-            kwargs = {k: _unbox(v) for k, v in kwargs.items()}
-            if key is None:
-                return _ship(fn(*args, **kwargs))
-            member = f"{args[0].engine}.{fn.__name__}"
-            key = _resolve_key(key, member)
-            arguments = (args[1:], {k: v for k, v in kwargs.items() if k != "connect_opts"})
-            if declares_key:
-                kwargs[KEY_PARAMETER] = key
-            return _ship(args[0].run_keyed(member, key, lambda: fn(*args, **kwargs), arguments,
-                                           kwargs.get("connect_opts")))
+        node, args = args[0], args[1:]
+        if key is not None:
+            key = _resolve_key(key, f"{node.engine}.{fn.__name__}")
+        route = remote.current_route()
+        if route is not None:
+            return remote.run_on_ray(route, node, member.name, kind, args, kwargs, key)
+        with member_slot(node, fn.__name__):
+            return member.run_body(node, args, kwargs, key)
 
     return run
 
@@ -344,92 +357,6 @@ def abstract_member(
 ) -> Callable[[Callable[Concatenate[Any, P], R]], Member[P, R]]:
     """Declare a member every engine must implement (used by `DatabaseNode`)."""
     return lambda fn: Member(fn, kind, batch, abstract=True)
-
-
-def _worker_death_errors() -> tuple[type[BaseException], ...]:
-    import ray.exceptions as errors
-
-    names = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "ObjectLostError")
-    return tuple(getattr(errors, name) for name in names if hasattr(errors, name))
-
-
-def _report_state(task: Task[Any, Any] | None, flow_run_id: Any, task_run_id: Any, state: Any) -> None:
-    """Tell the Prefect API how a task run ended when its worker cannot: it died, or the
-    member never started. A run the API does not know yet is created in that state."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import PrefectHTTPStatusError
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.set_task_run_state(task_run_id, state, force=True)
-        except PrefectHTTPStatusError as error:
-            if error.response.status_code != 404 or task is None:
-                raise
-            client.create_task_run(task, flow_run_id, dynamic_key=f"{task.task_key}-{task_run_id.hex}",
-                                   id=task_run_id, state=state, name=f"{task.name}-{task_run_id.hex[:3]}")
-
-
-class MemberRayFuture(PrefectRayFuture[Any]):
-    """A member's future on Ray.
-
-    A member stuck in Ray's queue past the node's `schedule_timeout_s` is cancelled and
-    fails with `SchedulingTimeoutError`; a dead worker leaves the task run Crashed, not
-    Running.
-    """
-
-    _task: Task[Any, Any] | None = None
-    _flow_run_id: Any = None
-    _watch: Watch | None = None
-    _reported = False
-
-    def _settle(self, timeout: float | None) -> float | None:
-        import ray
-        from prefect.client.schemas.objects import State
-        from prefect.states import Crashed, Failed
-
-        if self._final_state is not None or self._reported:
-            return timeout
-        if self._watch is not None:
-            try:
-                timeout = self._watch.wait(self.wrapped_future, self.task_run_id, timeout)
-            except SchedulingTimeoutError as exc:
-                self._reported, self._watch = True, None
-                self._final_state = Failed(message=str(exc), data=exc)
-                _report_state(self._task, self._flow_run_id, self.task_run_id, Failed(message=str(exc)))
-                return timeout
-        try:
-            outcome = ray.get(self.wrapped_future, timeout=timeout)
-            if isinstance(outcome, State):
-                self._final_state = outcome  # the base class would fetch (and unpickle) it again
-        except _worker_death_errors() as exc:
-            self._reported = True
-            message = f"The Ray worker running this task died ({type(exc).__name__}); the run was not retried."
-            _report_state(self._task, self._flow_run_id, self.task_run_id, Crashed(message=message))
-        except Exception:  # noqa: BLE001 - other outcomes are the base class's business
-            pass
-        return timeout
-
-    def wait(self, timeout: float | None = None) -> None:
-        timeout = self._settle(timeout)
-        if self._final_state is None:
-            super().wait(timeout)
-
-    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> Any:
-        timeout = self._settle(timeout)
-        return super().result(timeout=timeout, raise_on_failure=raise_on_failure)
-
-
-def _member_future(future: Any, task: MemberTask[Any, Any], watch: Watch | None) -> Any:
-    if not isinstance(future, PrefectRayFuture):
-        return future
-    wrapped = MemberRayFuture(task_run_id=future.task_run_id, wrapped_future=future.wrapped_future)
-    flow_ctx = FlowRunContext.get()
-    wrapped._task, wrapped._flow_run_id = task, flow_ctx.flow_run.id if flow_ctx and flow_ctx.flow_run else None
-    if watch is not None:
-        # One watch per future: each keeps its own deadline.
-        wrapped._watch = Watch(watch.options, watch.timeout_s, watch.what)
-        reservations.track_node(task._node.placement_token, future.wrapped_future)
-    return wrapped
 
 
 def on_ray_runner() -> bool:
@@ -496,28 +423,46 @@ class MemberTask(Task[P, R]):
 
     else:
         def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
-            if on_ray_runner():
-                # A called task would run in the flow's process; submit so placement applies.
-                future = self.submit(*args, wait_for=wait_for, **kwargs)
-                if return_state:
+            # The task engine runs here, in the caller's thread; on a Ray runner the body
+            # goes to Ray where the node's placement says.
+            args, kwargs = self._bind_args(args, kwargs)
+            route = self._route()
+            events = remote.route_events() if route is not None else None
+            try:
+                with member_client(), remote.routed(route):
+                    return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
+            finally:
+                unroute_events(events)
+
+        def submit(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
+            args, kwargs = self._bind_args(args, kwargs)
+            route = self._route()
+            if route is None:
+                return super().submit(*args, return_state=return_state, wait_for=wait_for, **kwargs)
+            pool = remote.driver_pool(_flow_runner())
+            with remote.routed(route):  # the pool's thread runs in a copy of this context
+                parameters = get_call_parameters(self.fn, args, kwargs)
+                future = remote.submitted_with_events(lambda: pool.submit(self, parameters, wait_for))
+            if return_state:
+                future.wait()
+                return future.state
+            return future
+
+        def map(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
+            route = self._route()
+            if route is None:
+                return super().map(unmapped(self._node), *args, return_state=return_state, wait_for=wait_for,
+                                   **kwargs)
+            parameters = get_call_parameters(self.fn, (unmapped(self._node), *args), kwargs, apply_defaults=False)
+            pool = remote.driver_pool(_flow_runner())
+            with remote.routed(route):
+                futures = remote.submitted_with_events(lambda: pool.map(self, parameters, wait_for))
+            if return_state:
+                states = []
+                for future in futures:
                     future.wait()
-                    return future.state
-                return future.result()
-            args, kwargs = self._bind_args(args, kwargs)
-            with member_client():
-                return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
-
-        def submit(self, *args: Any, **kwargs: Any) -> Any:
-            control = {k: kwargs.pop(k) for k in ("return_state", "wait_for") if k in kwargs}
-            args, kwargs = self._bind_args(args, kwargs)
-            with self._remote_options() as watch:
-                return _member_future(super().submit(*args, **control, **kwargs), self, watch)
-
-        def map(self, *args: Any, **kwargs: Any) -> Any:
-            with self._remote_options() as watch:
-                futures = super().map(unmapped(self._node), *args, **kwargs)
-            if isinstance(futures, PrefectFutureList):
-                return PrefectFutureList(_member_future(future, self, watch) for future in futures)
+                    states.append(future.state)
+                return states
             return futures
 
     def _bind_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -532,22 +477,26 @@ class MemberTask(Task[P, R]):
                 bound.arguments[name] = Batch(value)
         return bound.args, bound.kwargs
 
-    @contextmanager
-    def _remote_options(self) -> Iterator[Watch | None]:
-        """Ray options for submits on `RayTaskRunner`; yields the watch that bounds their
-        wait in Ray's queue (None elsewhere). The watch's gate exists before the submit."""
+    def _route(self) -> remote.Route | None:
+        """How this member's body reaches Ray from a flow run on `RayTaskRunner` (None
+        elsewhere: it runs in the calling process). The node's placement group is reserved,
+        and its concurrency limit made, here, before the task run starts."""
         if not on_ray_runner():
-            yield None
-            return
-        from prefect_ray.context import remote_options
-
+            return None
         options = self._node.member_ray_options()
         if self._node.max_concurrency:
-            # Created here, once, rather than raced for by the first members on their workers.
             ensure_limit(self._node.concurrency_limit_name, self._node.max_concurrency)
         if self._member.kind == "write":
             # Ray replays a task whose worker died; a committed write would apply twice.
             options["max_retries"] = self.retries or 0
-        watch = Watch(options, self._node.placement.schedule_timeout_s, f"{self.name} on {self._node.label}")
-        with remote_options(**options):
-            yield watch
+        options["name"] = self.name
+        return remote.Route(options, self._node.placement.schedule_timeout_s, f"{self.name} on {self._node.label}")
+
+
+def _flow_runner() -> Any:
+    flow_ctx = FlowRunContext.get()
+    assert flow_ctx is not None  # on_ray_runner() said so
+    return flow_ctx.task_runner
+
+
+remote.install()

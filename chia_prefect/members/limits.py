@@ -105,8 +105,15 @@ def member_slot(node: MemberHost | None, member: str) -> Iterator[None]:
 
 
 def run_logger() -> Any:
-    """The task or flow run's logger; the package's own outside a run."""
+    """The task or flow run's logger; the package's own outside a run. In a member's body
+    on Ray, lines go to its task run through the driver (`remote.body_logger`)."""
     from prefect.logging.loggers import get_run_logger
+
+    from chia_prefect.members import remote
+
+    body_log = remote.body_logger()
+    if body_log is not None:
+        return body_log
 
     try:
         return get_run_logger()

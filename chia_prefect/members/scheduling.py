@@ -63,26 +63,23 @@ def driver_gate() -> Any:
         return gate
 
 
-def announce_start(kind: str) -> None:
-    """Called by a member as it starts on a Ray worker; a write abandoned by its driver
-    raises here, before it touched anything."""
-    from prefect.context import TaskRunContext
-
-    task_ctx = TaskRunContext.get()
-    if task_ctx is None:
+def announce_start(kind: str, run_id: str, what: str) -> None:
+    """Called by a member's body as it starts on a Ray worker (`run_id` its task run); a
+    write abandoned by its driver raises here, before it touched anything."""
+    if not run_id:
         return
     gate = _worker_gate()
     if gate is None:
         return
     import ray
 
-    run_id, shape = str(task_ctx.task_run.id), _shape_here()
+    shape = _shape_here()
     if kind != "write":
         gate.start.remote(run_id, shape)
         return
     if not ray.get(gate.start.remote(run_id, shape), timeout=60):
         raise SchedulingTimeoutError(
-            f"{task_ctx.task.name}: the flow gave up waiting for this write to be scheduled "
+            f"{what}: the flow gave up waiting for this write to be scheduled "
             "before it started; nothing was executed."
         )
 
