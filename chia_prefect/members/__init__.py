@@ -22,6 +22,7 @@ from chia_prefect.members.binding import (
     Member,
     MemberTask,
     abstract_member,
+    member_logger,
     on_ray_runner,
     read,
     write,
@@ -29,5 +30,6 @@ from chia_prefect.members.binding import (
 from chia_prefect.members.host import MemberHost
 
 __all__ = [
-    "Batch", "Kind", "Member", "MemberHost", "MemberTask", "abstract_member", "on_ray_runner", "read", "write",
+    "Batch", "Kind", "Member", "MemberHost", "MemberTask", "abstract_member", "member_logger", "on_ray_runner", "read",
+    "write",
 ]
