@@ -29,7 +29,6 @@ prefect-ray 0.6.x; on each, tests/test_runner.py asserts that the fast path is t
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib
 import socket
 import sys
@@ -257,13 +256,15 @@ def _serialize_context_without_settings(asset_ctx_kwargs: dict[str, Any]) -> dic
     }
 
 
-@functools.cache
-def remote_function(fn: Callable[..., Any]) -> Any:
-    """One Ray remote function per Python function, made on first use; options are given
-    per call (`.options(...)`), so Ray exports it once."""
-    import ray
+_remote_function: Any = None
 
-    return ray.remote(fn)
+
+def _remote(ray: Any) -> Any:
+    """One Ray remote function for every task; options are given per call."""
+    global _remote_function
+    if _remote_function is None:
+        _remote_function = ray.remote(_run_prefect_task_fast)
+    return _remote_function
 
 
 class FastRayTaskRunner(RayTaskRunner[Any]):
@@ -298,7 +299,7 @@ class FastRayTaskRunner(RayTaskRunner[Any]):
         parameters, upstream_refs = self._exchange_prefect_for_ray_futures(parameters)
         options = dict(RemoteOptionsContext.get().current_remote_options or {})
         options["name"] = task.name
-        object_ref = remote_function(_run_prefect_task_fast).options(**options).remote(
+        object_ref = _remote(ray).options(**options).remote(
             *upstream_refs,
             task=task,
             task_run_id=task_run_id,

@@ -213,6 +213,16 @@ def submitted_with_events(submit: Callable[[], Any]) -> Any:
 
 # ---------------------------------------------------------------- the driver's half
 
+_body_function: Any = None
+
+
+def _remote_body(ray: Any) -> Any:
+    global _body_function
+    if _body_function is None:
+        _body_function = ray.remote(_run_body)
+    return _body_function
+
+
 def run_on_ray(route: Route, node: MemberHost, name: str, kind: str, args: tuple[Any, ...],
                kwargs: dict[str, Any], key: str | None) -> Any:
     """Send the member's body to Ray and wait for it, in the member's task run."""
@@ -223,14 +233,13 @@ def run_on_ray(route: Route, node: MemberHost, name: str, kind: str, args: tuple
     from chia_prefect.members import reservations
     from chia_prefect.members.limits import member_slot
     from chia_prefect.members.scheduling import Watch
-    from chia_prefect.runner import remote_function
 
     task_ctx = TaskRunContext.get()
     run_id = str(task_ctx.task_run.id) if task_ctx is not None else ""
     with member_slot(node, name):
         watch = Watch(route.options, route.timeout_s, route.what)
         # One argument: Ray serialises each separately (about 0.1 ms apiece).
-        ref = remote_function(_run_body).options(**route.options).remote((node, name, kind, run_id, route.what, args,
+        ref = _remote_body(ray).options(**route.options).remote((node, name, kind, run_id, route.what, args,
                                                                   kwargs, key))
         reservations.track_node(node.placement_token, ref)
         try:
