@@ -65,33 +65,8 @@ def median_of(repeat: int, fn: Any) -> float:
 
 # ------------------------------------------------------------------ raw baselines
 
-def _raw_sqlite_timed(path: str, work: Any) -> float:
-    """Seconds `work(conn)` takes inside one BEGIN IMMEDIATE ... COMMIT, raw sqlite3 in WAL."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute(bf.SCHEMA)
-    start = time.perf_counter()
-    conn.execute("BEGIN IMMEDIATE")
-    work(conn)
-    conn.execute("COMMIT")
-    elapsed = time.perf_counter() - start
-    conn.close()
-    return elapsed
-
-
 def raw_sqlite_ingest(path: str, rows: list[tuple]) -> float:
-    return _raw_sqlite_timed(path, lambda conn: conn.executemany(bf.INSERT, rows))
-
-
-def raw_sqlite_transaction(path: str, n_ops: int) -> float:
-    ops = [(bf.INSERT, (i, f"op-{i}", float(i))) for i in range(n_ops)]
-
-    def run(conn: sqlite3.Connection) -> None:
-        for sql, params in ops:
-            conn.execute(sql, params)
-
-    return _raw_sqlite_timed(path, run)
+    return bf.raw_sqlite_timed(path, lambda conn: conn.executemany(bf.INSERT, rows))
 
 
 RAW_MEMORY_SCRIPT = """
@@ -220,11 +195,11 @@ def bench_sqlite_ingest(work: Path, sizes: dict[str, int], repeat: int) -> dict[
 
 
 def bench_transaction(work: Path, n_ops: int, repeat: int) -> dict[str, float]:
+    """`repeat` flow runs of 21 rounds each (raw sqlite3 timed inside them): medians of their
+    medians."""
     flow = bf.sqlite_transaction.with_options(task_runner=FastRayTaskRunner())
-    raw = median_of(repeat, lambda: raw_sqlite_transaction(str(work / f"raw-tx-{time.monotonic_ns()}.db"), n_ops))
     runs = [flow(str(work / f"member-tx-{time.monotonic_ns()}.db"), n_ops) for _ in range(repeat)]
-    return {"ops": n_ops, "raw": raw, "member": statistics.median(r["member"] for r in runs),
-            "one_op": statistics.median(r["one_op"] for r in runs)}
+    return {"ops": n_ops, **{k: statistics.median(r[k] for r in runs) for k in ("raw", "member", "one_op", "ops_cost")}}
 
 
 def bench_reads(work: Path, n_rows: int, repeat: int) -> dict[str, Any]:
@@ -339,7 +314,7 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
     if "transaction" in r:
         t = r["transaction"]
         out["transaction_1000_vs_raw"] = t["member"] / t["raw"]
-        out["transaction_1000_minus_latency_vs_raw"] = (t["member"] - t["one_op"]) / t["raw"]
+        out["transaction_1000_minus_latency_vs_raw"] = t["ops_cost"] / t["raw"]
     for label, data in r.get("sqlite_ingest", {}).items():
         out[f"sqlite_{label}_vs_raw"] = data["member"] / data["raw"]
         if "memory" in data:
@@ -406,8 +381,8 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{m['worker_peak_delta'] / 2**20:.0f}; raw process {m['peak_delta'] / 2**20:.0f} "
                   f"(rows alone {m['rows_bytes'] / 2**20:.0f})")
     t = r["transaction"]
-    print(f"  sqlite transaction of {t['ops']} ops: member {t['member']:.3f} (one op {t['one_op']:.3f})  "
-          f"raw {t['raw']:.3f}")
+    print(f"  sqlite transaction of {t['ops']} ops: member {t['member']:.4f} (one op {t['one_op']:.4f}, "
+          f"difference {t['ops_cost']:.4f})  raw {t['raw']:.4f}")
     if "reads" in r:
         rd = r["reads"]
         print(f"  sqlite query of {rd['rows']} rows as dicts: member {rd['member']:.3f} (one row "

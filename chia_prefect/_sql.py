@@ -7,6 +7,8 @@ engines share one definition of what a member accepts.
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ SQLITE_FULL = 13
 SQLITE_AUTH = 23
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ExecResult:
     """Outcome of one write statement, the same shape on every engine.
 
@@ -42,21 +44,45 @@ class ExecResult:
     lastrowid: int | None = None
     rows: list[dict[str, Any]] | None = field(default=None)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # The dataclass's own pickling of slots reads its fields() per instance: 3.7 ms for
+        # a thousand results.
+        return (ExecResult, (self.rowcount, self.lastrowid, self.rows))
+
+    def __setstate__(self, state: Any) -> None:
+        # Results pickled before ExecResult had slots (stored with an idempotency key) have
+        # their fields as a dict.
+        values = (state.get("rowcount"), state.get("lastrowid"), state.get("rows")) if isinstance(state, dict) \
+            else tuple(state)
+        for name, value in zip(("rowcount", "lastrowid", "rows"), values):
+            object.__setattr__(self, name, value)
+
 
 _new = object.__new__
+_slots: dict[str, Any] = dict(vars(ExecResult))  # the slots' descriptors
+_set_rowcount, _set_lastrowid, _set_rows = (_slots[name].__set__ for name in ("rowcount", "lastrowid", "rows"))
 
 
 def exec_result(rowcount: int, lastrowid: int | None = None, rows: list[dict[str, Any]] | None = None) -> ExecResult:
-    """`ExecResult(rowcount, lastrowid, rows)`, the same object at a quarter of the cost: a
+    """`ExecResult(rowcount, lastrowid, rows)`, the same object at a third of the cost: a
     frozen dataclass's `__init__` sets each field through `object.__setattr__`, and in a
-    1,000-op `transaction` (built on the worker, then again on the driver) that cost more
-    than our own per-op work."""
+    1,000-op `transaction` that cost more than our own per-op work. (Its slots also halve
+    the objects a thousand results add for the garbage collector.)"""
     result = _new(ExecResult)
-    fields = result.__dict__
-    fields["rowcount"] = rowcount
-    fields["lastrowid"] = lastrowid
-    fields["rows"] = rows
+    _set_rowcount(result, rowcount)
+    _set_lastrowid(result, lastrowid)
+    _set_rows(result, rows)
     return result
+
+
+ResultFields = tuple[int, "int | None", "list[dict[str, Any]] | None"]
+"""An `ExecResult`'s fields as a tuple: what an op loop collects and what travels."""
+
+result_fields: Callable[[ExecResult], ResultFields] = operator.attrgetter("rowcount", "lastrowid", "rows")
+
+
+def exec_results_of(fields: list[ResultFields]) -> list[ExecResult]:
+    return list(itertools.starmap(exec_result, fields))
 
 
 # --- statement scanning -------------------------------------------------------------
@@ -304,6 +330,11 @@ def normalize_ops(
             "transaction: ops must be a non-empty list of (sql, params) pairs, "
             f"got {_describe(ops)}."
         )
+    checked = _well_formed_ops(ops, all_statements, check_paramstyle)
+    if checked is not None:
+        return checked
+    # Something is wrong (or unusual) about these ops: check them one by one, in order, so
+    # the error names the first op at fault.
     normalized: list[tuple[str, Any]] = []
     append = normalized.append
     scanned: set[str] = set()
@@ -331,6 +362,38 @@ def normalize_ops(
     return normalized
 
 
+_PARAMS_TYPES = frozenset({tuple, dict, list, type(None)})
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _well_formed_ops(
+    ops: list[Any] | tuple[Any, ...], all_statements: bool, check_paramstyle: Callable[[object, object, str], None] | None
+) -> list[tuple[str, Any]] | None:
+    """`normalize_ops`' result for the usual op list, checked a whole column at a time:
+    every op a `(str, tuple | dict | list | None)` tuple, each distinct SQL text scanned once,
+    the paramstyle checked once per text and whether its params are empty. None when any
+    check would fail (or an op is a list, or a subclass): the caller then checks op by op,
+    and its error names the first op at fault. 0.1 ms for 1,000 ops, a third of the loop."""
+    if set(map(type, ops)) != {tuple} or set(map(len, ops)) != {2}:
+        return None
+    try:
+        texts = set(map(_first, ops))
+    except TypeError:  # a text that cannot be hashed is not a str either
+        return None
+    if set(map(type, texts)) != {str} or not set(map(type, map(_second, ops))) <= _PARAMS_TYPES:
+        return None
+    try:
+        for sql in texts:
+            refuse_transaction_control(sql, all_statements=all_statements, where="transaction")
+        if check_paramstyle is not None:
+            # The first op of each text, with params and without: what the op-by-op check sees.
+            for (sql, _), params in {(sql, not params): params for sql, params in reversed(ops)}.items():
+                check_paramstyle(sql, params, "transaction")
+    except InvalidOperationError:
+        return None
+    return ops if type(ops) is list else list(ops)
+
+
 def _describe(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return f"a {type(value).__name__} of {len(value)} items"
@@ -349,11 +412,12 @@ def run_ops(cursor: Any, ops: list[tuple[str, Any]], run_one: Any) -> list[ExecR
     """Run `normalize_ops`' ops in order on a cursor inside the caller's transaction."""
     results: list[ExecResult] = []
     append = results.append
-    for position, (sql, params) in enumerate(ops):
-        try:
+    position = 0
+    try:
+        for position, (sql, params) in enumerate(ops):  # noqa: B007  # the failing op, in the except
             append(run_many(cursor, sql, params) if isinstance(params, list) else run_one(cursor, sql, params))
-        except Exception as exc:
-            raise TransactionOpError.of(exc, op_index=position, op_total=len(ops)) from exc
+    except Exception as exc:
+        raise TransactionOpError.of(exc, op_index=position, op_total=len(ops)) from exc
     return results
 
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, Valid
 from chia_prefect import idempotency
 from chia_prefect._sql import (
     ExecResult,
+    ResultFields,
     RowTable,
     check_limit,
     check_rows,
@@ -37,6 +38,7 @@ from chia_prefect._sql import (
     normalize_ops,
     refuse_transaction_control,
     render_qmark,
+    result_fields,
     run_many,
     run_ops,
 )
@@ -45,7 +47,7 @@ from chia_prefect.engines.dialect import Dialect
 from chia_prefect.errors import ConfigurationError, InvalidOperationError
 from chia_prefect.idempotency import WriteOutcome
 from chia_prefect.members import Member, abstract_member, read, reservations, write
-from chia_prefect.members.binding import dict_rows
+from chia_prefect.members.binding import dict_rows, exec_results
 from chia_prefect.members.placement import Placement, PlacementState, ray_options
 
 # The catalog logos ship in the package (chia_prefect/static) and are served from the repository.
@@ -172,9 +174,12 @@ class DatabaseNode(Block, ABC):
         self, ops: list[Any], *, connect_opts: dict[str, Any] | None = None, idempotency_key: str | None = None
     ) -> list[ExecResult]:
         """Run ops all or nothing: tuple/dict params execute, a list executemany, None bare."""
-        checked = normalize_ops(ops, all_statements=self.multi_statement, check_paramstyle=self._check_paramstyle)
+        engine_checks = type(self)._check_paramstyle is not DatabaseNode._check_paramstyle
+        checked = normalize_ops(ops, all_statements=self.multi_statement,
+                                check_paramstyle=self._check_paramstyle if engine_checks else None)
         with self.atomic(connect_opts) as cur:
-            return run_ops(cur, checked, self._run_one)
+            fields = self._run_ops(cur, checked)
+        return exec_results(fields, keyed=idempotency.keyed_cursor(self) is not None)
 
     @read
     def query(
@@ -309,6 +314,11 @@ class DatabaseNode(Block, ABC):
     @abstractmethod
     def _run_one(self, cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
         """Run one statement on `cur`; its result."""
+
+    def _run_ops(self, cur: Any, ops: list[tuple[str, Any]]) -> list[ResultFields]:
+        """Run a `transaction`'s checked ops in order on `cur`; each result's fields (engine
+        hook: one `_run_one` per op, a list of params as `executemany`)."""
+        return list(map(result_fields, run_ops(cur, ops, self._run_one)))
 
     def _check_paramstyle(self, sql: object, params: object, where: str) -> None:
         """Refuse placeholders of another paramstyle before anything runs (engine hook)."""

@@ -99,6 +99,41 @@ def test_transaction_control_anywhere_in_ops_is_refused(db, keyword, position):
     assert snapshot(db) == [(1, "keep")]
 
 
+BAD_OPS = [("COMMIT", None), ("INSERT INTO t (v) VALUES (?)", 5), ["INSERT INTO t (v) VALUES (?)"], 7,
+           (["not", "sql"], ("x",)), ({"sql": 1}, None), ("INSERT INTO t (v) VALUES (?)", ("a",), "extra")]
+
+
+@SETTINGS
+@given(bad=st.sampled_from(BAD_OPS), position=st.integers(0, 299), size=st.integers(1, 300))
+def test_the_first_bad_op_among_many_is_named(db, bad, position, size):
+    """Most op lists are checked a column at a time; a bad one is then checked op by op, so
+    its error names the op at fault, wherever it is in a long list."""
+    position = min(position, size)
+    op_list = [("INSERT INTO t (v) VALUES (?)", (f"v{i}",)) for i in range(size)]
+    op_list.insert(position, bad)
+    with pytest.raises(InvalidOperationError, match=f"transaction op {position}[:,]"):
+        raw(db.transaction)(db, op_list)
+    assert snapshot(db) == [(1, "keep")]
+
+
+@SETTINGS
+@given(position=st.integers(0, 50), size=st.integers(1, 50), listed=st.booleans())
+def test_postgres_placeholders_checked_per_op_position(position, size, listed):
+    """The Postgres paramstyle check in a long op list names the first op whose SQL has `?`
+    with params; the same SQL without params (a bare statement) passes."""
+    from chia_prefect._sql import normalize_ops
+    from chia_prefect.engines.postgres import check_paramstyle
+
+    good = [("INSERT INTO t (v) VALUES (%s)", ("a",)), ("SELECT '?'", None)] * size
+    bad = ("UPDATE t SET v = ? WHERE id = 1", [("b",)] if listed else ("b",))
+    assert normalize_ops(good + [("UPDATE t SET v = ? WHERE id = 1", None)], all_statements=True,
+                         check_paramstyle=check_paramstyle)
+    op_list = list(good)
+    op_list.insert(min(position, len(op_list)), bad)
+    with pytest.raises(InvalidOperationError, match=f"transaction op {min(position, len(good))}: the SQL has \\? placeholders"):
+        normalize_ops(op_list, all_statements=True, check_paramstyle=check_paramstyle)
+
+
 def test_unknown_connect_opts_key_named(db):
     with pytest.raises(ConfigurationError, match="bogus"):
         raw(db.query)(db, "SELECT 1", connect_opts={"bogus": True})

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from chia_prefect._sql import (
     SQLITE_FULL,
     ExecResult,
+    ResultFields,
     RowTable,
     check_single_params,
     exec_result,
@@ -42,6 +43,7 @@ from chia_prefect.errors import (
     NetworkFilesystemError,
     StorageFullError,
     TransactionControlError,
+    TransactionOpError,
 )
 
 _INSERT = re.compile(r"\s*(INSERT|REPLACE)\b", re.IGNORECASE)
@@ -248,6 +250,30 @@ class SQLiteEngine:
         cur.execute(sql, params or ())
         rows = None if cur.description is None else fetch_dicts(cur)
         return exec_result(cur.rowcount, cur.lastrowid if _inserts(sql) else None, rows)
+
+    @staticmethod
+    def run_ops(cur: sqlite3.Cursor, ops: list[tuple[str, Any]]) -> list[ResultFields]:
+        """`normalize_ops`' ops in order on `cur`, each as `run_one` (a list of params as
+        `executemany`), in one loop; each op's result as its fields (`exec_results` makes
+        them `ExecResult`s where they are used). A 1,000-op transaction spent as long calling
+        per op and building results as SQLite spent running the statements. A failing op
+        raises `TransactionOpError`."""
+        results: list[ResultFields] = []
+        append = results.append
+        execute = cur.execute
+        position = 0
+        try:
+            for position, (sql, params) in enumerate(ops):  # noqa: B007  # the failing op, in the except
+                if isinstance(params, list):
+                    cur.executemany(sql, params)
+                    append((cur.rowcount, None, None))
+                    continue
+                execute(sql, params or ())
+                rows = None if cur.description is None else fetch_dicts(cur)
+                append((cur.rowcount, cur.lastrowid if _inserts(sql) else None, rows))
+        except Exception as exc:
+            raise TransactionOpError.of(exc, op_index=position, op_total=len(ops)) from exc
+        return results
 
     def checkpoint(self, mode: Literal["PASSIVE", "FULL", "RESTART", "TRUNCATE"] = "PASSIVE") -> dict[str, Any]:
         """`PRAGMA wal_checkpoint(mode)`: busy, log and checkpointed frame counts."""

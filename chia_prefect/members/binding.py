@@ -35,7 +35,7 @@ from prefect.utilities.annotations import quote, unmapped
 from prefect.utilities.callables import get_call_parameters
 from prefect_ray.task_runners import RayTaskRunner
 
-from chia_prefect._sql import ExecResult, RowTable, exec_result
+from chia_prefect._sql import ExecResult, ResultFields, RowTable, exec_results_of, result_fields
 from chia_prefect.errors import InvalidOperationError
 from chia_prefect.idempotency import AUTO, KEY_PARAMETER, auto_key, check_key
 from chia_prefect.members import remote
@@ -138,24 +138,40 @@ class ShippedRows:
 
 
 class ShippedResults:
-    """A `transaction`'s list of `ExecResult`s: their fields as marshalled tuples (pickling a
-    thousand dataclass instances cost more than the ops took); unpickled as the list."""
+    """A `transaction`'s results as their fields (`ResultFields`), marshalled: unpickled as
+    the list of `ExecResult`s. Pickling a thousand dataclass instances cost more than the
+    ops took, and building them on the worker as well as on the driver cost a third of it."""
 
-    __slots__ = ("value",)
+    __slots__ = ("fields",)
 
-    def __init__(self, value: list[ExecResult]) -> None:
-        self.value = value
+    def __init__(self, fields: list[ResultFields]) -> None:
+        self.fields = fields
 
     def __reduce_ex__(self, protocol: int) -> tuple[Any, tuple[Any, ...]]:  # type: ignore[override]
         try:
-            payload = marshal.dumps([(r.rowcount, r.lastrowid, r.rows) for r in self.value])
+            payload = marshal.dumps(self.fields)
         except ValueError:  # rows holding values marshal cannot take: pickle keeps their types
-            return (_as_is, (self.value,))
+            return (exec_results_of, (self.fields,))
         return (_results_from_marshal, (payload,))
 
 
 def _results_from_marshal(payload: bytes) -> list[ExecResult]:
-    return [exec_result(*fields) for fields in marshal.loads(payload)]
+    collecting = gc.isenabled()
+    gc.disable()  # a thousand new results would set off collections; none can be garbage yet
+    try:
+        return exec_results_of(marshal.loads(payload))
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def exec_results(fields: list[ResultFields], *, keyed: bool = False) -> list[ExecResult]:
+    """`transaction`'s result from its ops' fields: `ExecResult`s built on the driver if
+    they may leave boxed, here otherwise. A keyed write's result is stored with its key as
+    the plain list."""
+    if len(fields) > 1 and not keyed and _may_box():
+        return cast("list[ExecResult]", ShippedResults(fields))
+    return exec_results_of(fields)
 
 
 def _as_is(value: Any) -> Any:
@@ -200,7 +216,7 @@ def _ship(result: Any) -> Any:
     """A member's result as it leaves: a list goes boxed if it may."""
     if type(result) is list and len(result) > 1 and _may_box():
         if all(type(item) is ExecResult for item in result):
-            return ShippedResults(result)
+            return ShippedResults(list(map(result_fields, result)))
         return Shipped(result)
     return result
 
