@@ -420,7 +420,7 @@ def _worker_flow_context(key: str, ref: Any) -> dict[str, Any]:
     return serialized
 
 
-def _process_client(settings_ctx: SettingsContext) -> SyncClientContext | None:
+def process_client(settings_ctx: SettingsContext) -> SyncClientContext | None:
     """One started sync client per API this process talks to (None: no API URL set): a Ray
     worker's tasks share it, and so do members called outside a flow run (`member_client`)."""
     api = settings_ctx.settings.api
@@ -452,7 +452,7 @@ def member_client() -> Iterator[None]:
     settings_ctx = SettingsContext.get()
     client_ctx = None
     if SyncClientContext.get() is None and settings_ctx is not None:
-        client_ctx = _process_client(settings_ctx)
+        client_ctx = process_client(settings_ctx)
     token = SyncClientContext.__var__.set(client_ctx) if client_ctx else None
     try:
         yield
@@ -489,7 +489,7 @@ def _run_prefect_task_fast(
     top_token = _top_task_run.set(task_run_id)
     try:
         with _events_sent_to(settings_ctx):
-            client_ctx = _process_client(settings_ctx)
+            client_ctx = process_client(settings_ctx)
             client_token = SyncClientContext.__var__.set(client_ctx) if client_ctx else None
             try:
                 if task.isasync:

@@ -76,7 +76,7 @@ def task_run_states(flow_run_id: str) -> list[str]:
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)])))
-        states = [r.state.type.value for r in runs]
+        states = [r.state.type.value if r.state is not None else None for r in runs]  # None: not recorded yet
         return states if all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states) else None
 
     return wait_until(final, timeout=60, interval=0.5, what="every task run final")

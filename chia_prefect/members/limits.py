@@ -4,9 +4,10 @@
 process and machine of every flow run that uses the block. The cap is a Prefect global
 concurrency limit named after the node (`concurrency_limit_name`), created or updated to
 the block's value on first use, so it shows on the UI's Concurrency page and an operator
-can see who holds its slots. A member takes one slot as it starts on its worker and gives
-it back when it returns; the slot is leased, so a worker that dies frees it when the lease
-runs out instead of never.
+can see who holds its slots. A member's task run takes one slot before its body starts and
+gives it back when the body returns (in the flow's process on `RayTaskRunner`, where the
+task engine runs); the slot is leased, so a process that dies frees it when the lease runs
+out instead of never.
 
 A member that finds every slot taken logs that it waits, and its task run shows the
 `AwaitingConcurrencySlot` state until it gets one.
@@ -19,7 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ LEASE_S = 60.0
 _POLL_FIRST_S = 0.05
 _POLL_MAX_S = 1.0
 _ensured: dict[str, int] = {}
+_asking: dict[str, threading.Lock] = {}  # per limit: one request for a slot at a time
+_asking_lock = threading.Lock()
 _ensured_lock = threading.Lock()
 _log = logging.getLogger("chia_prefect")
 
@@ -69,25 +72,56 @@ def member_slot(node: MemberHost | None, member: str) -> Iterator[None]:
     if not cap or node is None:
         yield
         return
-    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-    from prefect.concurrency.sync import concurrency
+    from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+    from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
+    from prefect.concurrency._leases import maintain_concurrency_lease
 
     what = f"{node.engine}.{member}"
     name = node.concurrency_limit_name
     ensure_limit(name, cap)
-    slot, waited, pause = ExitStack(), False, _POLL_FIRST_S
-    while True:
+    with _api_client() as client:
+        granted = ConcurrencyLimitWithLeaseResponse.model_validate(_acquire(client, name, cap, what).json())
+        events = emit_concurrency_acquisition_events(granted.limits, 1)
         try:
             # A lease renewal that fails must not interrupt a member mid-write: the slot then
             # frees when the lease runs out, at worst letting one more member in.
-            slot.enter_context(concurrency(name, occupy=1, max_retries=0, lease_duration=LEASE_S, strict=True,
-                                           raise_on_lease_renewal_failure=False))
-            break
-        except ConcurrencySlotAcquisitionError as exc:
-            if "must be created" in str(exc):  # deleted since: put it back
-                ensure_limit(name, cap, refresh=True)
-            elif getattr(getattr(exc.__cause__, "response", None), "status_code", None) != 423:
+            with maintain_concurrency_lease(granted.lease_id, LEASE_S, raise_on_lease_renewal_failure=False):
+                yield
+        finally:
+            try:
+                client.release_concurrency_slots_with_lease(lease_id=granted.lease_id)
+            except Exception:  # noqa: BLE001 - the lease runs out instead
+                _log.warning("%s: could not give back its slot of '%s'; it frees when its lease runs out "
+                             "(%.0f s)", what, name, LEASE_S, exc_info=True)
+            emit_concurrency_release_events(granted.limits, 1, events)
+
+
+def _acquire(client: Any, name: str, cap: int, what: str) -> Any:
+    """Take one slot of the limit `name`, asking again at our own pace while every slot is
+    taken: the server's answer. A process asks for one slot of a limit at a time (dozens of
+    members asking at once kept the server's database busy for a minute), but nobody waits
+    out another member's pause. Prefect's `concurrency()` queued every attempt of the
+    process, each refusal logged as an ERROR with its traceback: the members of a flow,
+    whose task engines all run in the flow's process, took 123 s for 60 writes of 0.1 s
+    under a cap of 3."""
+    import httpx
+
+    waited, pause = False, _POLL_FIRST_S
+    with _asking_lock:
+        asking = _asking.setdefault(name, threading.Lock())
+    while True:
+        try:
+            with asking:
+                response = client.increment_concurrency_slots_with_lease(
+                    names=[name], slots=1, mode="concurrency", lease_duration=LEASE_S)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 423:  # 423 Locked: every slot is taken
                 raise
+        else:
+            if response.json().get("limits"):
+                break
+            ensure_limit(name, cap, refresh=True)  # deleted since: put it back
+            continue
         if not waited:
             waited = True
             message = (f"{what} waits for a slot of concurrency limit '{name}' "
@@ -100,8 +134,25 @@ def member_slot(node: MemberHost | None, member: str) -> Iterator[None]:
     if waited:
         _show_state("Running", None)
         run_logger().info(f"{what} got a slot of concurrency limit '{name}'")
-    with slot:
-        yield
+    return response
+
+
+@contextmanager
+def _api_client() -> Iterator[Any]:
+    """This process's shared client for the current API (`runner.process_client`), or a
+    client of its own when there is no API URL (Prefect's temporary server)."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import SettingsContext
+
+    from chia_prefect.runner import process_client
+
+    settings_ctx = SettingsContext.get()
+    shared = process_client(settings_ctx) if settings_ctx is not None else None
+    if shared is not None:
+        yield shared.client
+        return
+    with get_client(sync_client=True) as client:
+        yield client
 
 
 def run_logger() -> Any:
