@@ -218,3 +218,10 @@ class RemoteProbeNode(SQLiteNode):
 
         member_logger().info(f"body of {tag} on pid {os.getpid()}")
         return {"pid": os.getpid(), "task_run_context": TaskRunContext.get() is not None, "tag": tag}
+
+    @write(batch=("rows",))
+    def collector_in_body(self, rows: list, *, connect_opts: dict | None = None) -> dict:
+        """Whether the garbage collector runs while this body holds its rows."""
+        import gc
+
+        return {"collecting": gc.isenabled(), "rows": len(rows)}

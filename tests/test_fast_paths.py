@@ -55,6 +55,28 @@ def test_unpacking_a_batch_leaves_garbage_collection_as_it_found_it():
         gc.enable()
 
 
+def test_a_body_unpacks_a_marshalled_batch_with_the_collector_held_until_its_rows_are_gone(tmp_path):
+    """A batch that arrived marshalled (on a Ray worker) is unpacked in the body, with the
+    garbage collector off while the rows live; a batch passed in-process changes nothing."""
+    from nodes import RemoteProbeNode
+
+    node = RemoteProbeNode(db_path=str(tmp_path / "gc.db"))
+    body = type(node).collector_in_body
+    rows = [(i, f"r{i}") for i in range(1000)]
+    arrived = pickle.loads(pickle.dumps(Batch(rows), protocol=5))
+    assert arrived.packed is not None  # still marshalled: nothing unpacked on arrival
+    assert body.run_body(node, (arrived,), {}, None) == {"collecting": False, "rows": 1000}
+    assert gc.isenabled()
+    assert arrived.packed is not None  # not kept unpacked in the box
+    assert body.run_body(node, (Batch(rows),), {}, None) == {"collecting": True, "rows": 1000}
+    gc.disable()
+    try:  # a collector someone else turned off stays off
+        assert body.run_body(node, (pickle.loads(pickle.dumps(Batch(rows))),), {}, None)["collecting"] is False
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_a_member_is_bound_once_per_node_and_never_to_a_copy(tmp_path):
     db = SQLiteNode(db_path=str(tmp_path / "a.db"))
     assert db.execute is db.execute and db.query is not db.execute

@@ -24,7 +24,8 @@ import gc
 import inspect
 import marshal
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, cast, overload
 
 from prefect import Task
@@ -59,10 +60,17 @@ class Batch:
     boxing the argument hands it to the worker in one piece.
     """
 
-    __slots__ = ("value",)
+    __slots__ = ("_value", "packed")
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
+    def __init__(self, value: Any, packed: Any = None) -> None:
+        self._value, self.packed = value, packed
+
+    @property
+    def value(self) -> Any:
+        """The boxed argument (unpacked on first use if it arrived marshalled)."""
+        if self.packed is not None:
+            self._value, self.packed = marshal.loads(self.packed), None
+        return self._value
 
     def __reduce_ex__(self, protocol: int) -> tuple[Any, tuple[Any, ...]]:  # type: ignore[override]
         # Rows of plain values (int, float, str, bytes, None, tuples, lists, dicts) travel as
@@ -70,31 +78,49 @@ class Batch:
         # they go out of band, so Ray hands the worker its object-store copy without another.
         # Anything else (dates, Decimal, namedtuples) makes marshal refuse, and then pickle
         # keeps the exact types.
+        if self.packed is not None:
+            return (_batch_from_marshal, (self.packed,))
         try:
-            payload = marshal.dumps(self.value)
+            payload = marshal.dumps(self._value)
         except ValueError:
-            return (Batch, (self.value,))
+            return (Batch, (self._value,))
         return (_batch_from_marshal, (pickle.PickleBuffer(payload) if protocol >= 5 else payload,))
 
+    def unpacked(self) -> Any:
+        """The value; a batch that arrived marshalled is unpacked here, in the member's body
+        (`unpacking_rows`), and not kept."""
+        if self.packed is None:
+            return self._value
+        return marshal.loads(self.packed)
+
     def __repr__(self) -> str:
-        size = len(self.value) if hasattr(self.value, "__len__") else "?"
+        size = len(self._value) if hasattr(self._value, "__len__") else "?"
         return f"Batch(<{size} items>)"
 
 
 def _batch_from_marshal(payload: Any) -> Batch:
-    # A million new tuples would set off several full garbage collections on the way;
-    # none of them can be garbage yet.
+    # Kept marshalled (the object store's buffer) until the body unpacks it.
+    return Batch(None, payload)
+
+
+@contextmanager
+def unpacking_rows() -> Iterator[None]:
+    """Hold off the garbage collector while a body's unpacked batches live: a million new
+    rows would otherwise set off collections that walk them all (84 ms per 1M-row
+    `executemany` on the worker, twice the time Ray took to move them), and none of them
+    can be garbage. The rows are freed by their reference counts when the body's frame
+    ends, inside this block, so the collector resumes with nothing to catch up on."""
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return Batch(marshal.loads(payload))
+        yield
     finally:
         if collecting:
             gc.enable()
 
 
 def _unbox(value: Any) -> Any:
-    return value.value if isinstance(value, Batch) else value
+    return value.unpacked() if isinstance(value, Batch) else value
 
 
 # A member's result on its way from a Ray worker to the driver.
@@ -251,6 +277,12 @@ class Member(Generic[P, R]):
     def run_body(self, node: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None) -> Any:
         """The member's own work where it runs (`args` without the node): its boxed
         arguments opened, and with an idempotency key (already resolved) run once for it."""
+        if any(isinstance(v, Batch) and v.packed is not None for v in (*args, *kwargs.values())):
+            with unpacking_rows():
+                return self._run_unboxed(node, args, kwargs, key)
+        return self._run_unboxed(node, args, kwargs, key)
+
+    def _run_unboxed(self, node: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None) -> Any:
         args = tuple(map(_unbox, args))
         kwargs = {k: _unbox(v) for k, v in kwargs.items()}
         if key is None:
