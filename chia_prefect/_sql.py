@@ -7,7 +7,9 @@ engines share one definition of what a member accepts.
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
+import marshal
 import operator
 import re
 from collections.abc import Callable, Iterator
@@ -83,6 +85,19 @@ result_fields: Callable[[ExecResult], ResultFields] = operator.attrgetter("rowco
 
 def exec_results_of(fields: list[ResultFields]) -> list[ExecResult]:
     return list(itertools.starmap(exec_result, fields))
+
+
+def exec_results_from_marshal(payload: Any) -> list[ExecResult]:
+    """`ExecResult`s from their fields, marshalled: how a `transaction`'s results travel
+    from the worker and how a keyed one's are recorded with its idempotency key (keep this
+    name: recorded results refer to it)."""
+    collecting = gc.isenabled()
+    gc.disable()  # a thousand new results would set off collections; none can be garbage yet
+    try:
+        return exec_results_of(marshal.loads(payload))
+    finally:
+        if collecting:
+            gc.enable()
 
 
 # --- statement scanning -------------------------------------------------------------

@@ -179,7 +179,7 @@ class DatabaseNode(Block, ABC):
                                 check_paramstyle=self._check_paramstyle if engine_checks else None)
         with self.atomic(connect_opts) as cur:
             fields = self._run_ops(cur, checked)
-        return exec_results(fields, keyed=idempotency.keyed_cursor(self) is not None)
+        return exec_results(fields)
 
     @read
     def query(

@@ -36,7 +36,14 @@ from prefect.utilities.annotations import quote, unmapped
 from prefect.utilities.callables import get_call_parameters
 from prefect_ray.task_runners import RayTaskRunner
 
-from chia_prefect._sql import ExecResult, ResultFields, RowTable, exec_results_of, result_fields
+from chia_prefect._sql import (
+    ExecResult,
+    ResultFields,
+    RowTable,
+    exec_results_from_marshal,
+    exec_results_of,
+    result_fields,
+)
 from chia_prefect.errors import InvalidOperationError
 from chia_prefect.idempotency import AUTO, KEY_PARAMETER, auto_key, check_key
 from chia_prefect.members import remote
@@ -165,8 +172,9 @@ class ShippedRows:
 
 class ShippedResults:
     """A `transaction`'s results as their fields (`ResultFields`), marshalled: unpickled as
-    the list of `ExecResult`s. Pickling a thousand dataclass instances cost more than the
-    ops took, and building them on the worker as well as on the driver cost a third of it."""
+    the list of `ExecResult`s, on the driver or from a keyed write's record. Pickling a
+    thousand dataclass instances cost more than the ops took, and building them on the
+    worker as well as on the driver cost a third of it."""
 
     __slots__ = ("fields",)
 
@@ -178,24 +186,14 @@ class ShippedResults:
             payload = marshal.dumps(self.fields)
         except ValueError:  # rows holding values marshal cannot take: pickle keeps their types
             return (exec_results_of, (self.fields,))
-        return (_results_from_marshal, (payload,))
+        return (exec_results_from_marshal, (payload,))
 
 
-def _results_from_marshal(payload: bytes) -> list[ExecResult]:
-    collecting = gc.isenabled()
-    gc.disable()  # a thousand new results would set off collections; none can be garbage yet
-    try:
-        return exec_results_of(marshal.loads(payload))
-    finally:
-        if collecting:
-            gc.enable()
-
-
-def exec_results(fields: list[ResultFields], *, keyed: bool = False) -> list[ExecResult]:
-    """`transaction`'s result from its ops' fields: `ExecResult`s built on the driver if
-    they may leave boxed, here otherwise. A keyed write's result is stored with its key as
-    the plain list."""
-    if len(fields) > 1 and not keyed and _may_box():
+def exec_results(fields: list[ResultFields]) -> list[ExecResult]:
+    """`transaction`'s result from its ops' fields: `ExecResult`s built where they are
+    unpickled if they leave this process pickled (a keyed write's record included), here
+    otherwise."""
+    if len(fields) > 1 and _may_box():
         return cast("list[ExecResult]", ShippedResults(fields))
     return exec_results_of(fields)
 
