@@ -20,7 +20,6 @@ its body goes to Ray, where the node's placement says (`chia_prefect.members.rem
 from __future__ import annotations
 
 import functools
-import gc
 import inspect
 import marshal
 import pickle
@@ -40,6 +39,7 @@ from chia_prefect._sql import (
     ExecResult,
     ResultFields,
     RowTable,
+    collector_held,
     exec_results_from_marshal,
     exec_results_of,
     result_fields,
@@ -117,13 +117,8 @@ def unpacking_rows() -> Iterator[None]:
     `executemany` on the worker, twice the time Ray took to move them), and none of them
     can be garbage. The rows are freed by their reference counts when the body's frame
     ends, inside this block, so the collector resumes with nothing to catch up on."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_held():
         yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _unbox(value: Any) -> Any:
@@ -207,13 +202,8 @@ def _dicts(names: list[str], rows: list[Any]) -> list[dict[str, Any]]:
 
 
 def _dicts_from_marshal(names: list[str], payload: Any) -> list[dict[str, Any]]:
-    collecting = gc.isenabled()
-    gc.disable()  # 100k new dicts would set off full collections; none can be garbage yet
-    try:
+    with collector_held():  # 100k new dicts, none of them garbage yet
         return RowTable(names, marshal.loads(payload)).dicts()
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _may_box() -> bool:
