@@ -136,8 +136,9 @@ def _check_api(url: str) -> None:
 
 
 def _block(ref: str) -> str:
-    from chia_prefect.ops import resolve_block
+    from chia_prefect.ops import check_block_ref, resolve_block
 
+    check_block_ref(ref)  # a malformed name is wrong whatever the API holds
     _check_api(_need_api(f"--block {ref}"))
     return resolve_block(ref)
 

@@ -44,6 +44,15 @@ def node_slugs() -> list[str]:
     return sorted(slugs)
 
 
+def check_block_ref(ref: str) -> str:
+    """`ref` stripped, if it has the shape of "slug/name" or a bare name; checked before any
+    Prefect API is asked (or needed)."""
+    ref = ref.strip()
+    if not ref or ref.count("/") > 1 or ref.startswith("/") or ref.endswith("/"):
+        raise BlockNotFoundError(f"block {ref!r}: give a saved node as slug/name (e.g. sqlite-node/app-db) or a bare name.")
+    return ref
+
+
 def resolve_block(ref: str) -> str:
     """`ref` as "slug/name": checked against the Prefect API, a bare name looked up.
 
@@ -52,9 +61,7 @@ def resolve_block(ref: str) -> str:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    ref = ref.strip()
-    if not ref or ref.count("/") > 1 or ref.startswith("/") or ref.endswith("/"):
-        raise BlockNotFoundError(f"block {ref!r}: give a saved node as slug/name (e.g. sqlite-node/app-db) or a bare name.")
+    ref = check_block_ref(ref)
     slug, _, name = ref.rpartition("/")
     with get_client(sync_client=True) as client:
         if slug:

@@ -52,6 +52,7 @@ WRONG_INPUTS = [
     (["plan", "--block", "cli-twin", "--dir", str(MIGRATIONS)], {},
      ["ambiguous", "postgres-node/cli-twin", "sqlite-node/cli-twin"]),
     (["plan", "--block", "a/b/c", "--dir", str(MIGRATIONS)], {}, ["slug/name"]),
+    (["plan", "--block", "a/b/c", "--dir", str(MIGRATIONS)], {"PREFECT_API_URL": ""}, ["slug/name"]),
     (["maintain", "--block", "cli-app", "--backup-dir", "backups"], {}, ["relative", "absolute"]),
     (["maintain", "--block", "cli-app", "--keep", "0"], {}, ["--keep", "1 or more"]),
     (["migrate", "--block", "cli-app", "--dir", str(MIGRATIONS), "--target", "-1"], {}, ["--target"]),
