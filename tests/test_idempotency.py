@@ -73,6 +73,8 @@ def test_every_write_member_applies_once_per_key(any_db):
     ops = [(ins, ("d",)), (sql_for(db, "UPDATE entry SET name = name || ? WHERE name = ?"), ("!", "a"))]
     tx = [db.transaction(ops, idempotency_key="k-tx") for _ in range(2)]
     assert tx[0] == tx[1] and [r.rowcount for r in tx[0]] == [1, 1]
+    recorded = db.write_outcome("k-tx").result  # stored as the results' marshalled fields
+    assert type(recorded) is list and recorded == tx[0] and all(type(r) is ExecResult for r in recorded)
     for _ in range(2):
         db.executescript("INSERT INTO entry (name) VALUES ('e'); INSERT INTO entry (name) VALUES ('f');",
                          idempotency_key="k-script")
