@@ -23,8 +23,7 @@ import functools
 import inspect
 import marshal
 import pickle
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, cast, overload
 
 from prefect import Task
@@ -95,7 +94,7 @@ class Batch:
 
     def unpacked(self) -> Any:
         """The value; a batch that arrived marshalled is unpacked here, in the member's body
-        (`unpacking_rows`), and not kept."""
+        (`Member.run_body`), and not kept."""
         if self.packed is None:
             return self._value
         return marshal.loads(self.packed)
@@ -108,17 +107,6 @@ class Batch:
 def _batch_from_marshal(payload: Any) -> Batch:
     # Kept marshalled (the object store's buffer) until the body unpacks it.
     return Batch(None, payload)
-
-
-@contextmanager
-def unpacking_rows() -> Iterator[None]:
-    """Hold off the garbage collector while a body's unpacked batches live: a million new
-    rows would otherwise set off collections that walk them all (84 ms per 1M-row
-    `executemany` on the worker, twice the time Ray took to move them), and none of them
-    can be garbage. The rows are freed by their reference counts when the body's frame
-    ends, inside this block, so the collector resumes with nothing to catch up on."""
-    with collector_held():
-        yield
 
 
 def _unbox(value: Any) -> Any:
@@ -266,7 +254,10 @@ class Member(Generic[P, R]):
         """The member's own work where it runs (`args` without the node): its boxed
         arguments opened, and with an idempotency key (already resolved) run once for it."""
         if any(isinstance(v, Batch) and v.packed is not None for v in (*args, *kwargs.values())):
-            with unpacking_rows():
+            # The collector is held off while the unpacked rows live (a 1M-row `executemany`
+            # set off 84 ms of collections walking them); they are freed by their reference
+            # counts when the body's frame ends, inside the block, so nothing is left to catch.
+            with collector_held():
                 return self._run_unboxed(node, args, kwargs, key)
         return self._run_unboxed(node, args, kwargs, key)
 
