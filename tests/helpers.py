@@ -46,6 +46,28 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, interval: fl
 SHARED: dict[str, Any] = {}
 
 
+FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def final_task_runs(flow_run_id: Any, count: int | None = None, timeout: float = 60.0) -> list[Any]:
+    """The flow run's task runs once each has a final state recorded (and, given `count`,
+    that many exist). Workers and members report their states as events, which the server
+    records a moment after the flow run returned: a read right then can see RUNNING, or no
+    state at all."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    def final() -> list[Any] | None:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(str(flow_run_id))])))
+        done = all(r.state is not None and r.state.type.value in FINAL_STATES for r in runs)
+        return runs if done and (count is None or len(runs) >= count) else None
+
+    return wait_until(final, timeout=timeout, interval=0.25, what=f"every task run of flow run {flow_run_id} final")
+
+
 def session_ray_processes() -> dict[int, str]:
     """This session's Ray processes, by PID with the name each runs under: the connected
     cluster's GCS and raylets (found by its session directory in their command lines) and the

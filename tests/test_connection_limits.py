@@ -14,7 +14,7 @@ import uuid
 
 import psycopg
 import pytest
-from helpers import wait_until
+from helpers import final_task_runs, wait_until
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
@@ -71,15 +71,8 @@ def burst(node: PostgresNode, first: int, count: int) -> str:
 
 
 def task_run_states(flow_run_id: str) -> list[str]:
-    """The run's task run states once they are all final (the workers report them as events)."""
-    def final() -> list[str] | None:
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)])))
-        states = [r.state.type.value if r.state is not None else None for r in runs]  # None: not recorded yet
-        return states if all(s in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states) else None
-
-    return wait_until(final, timeout=60, interval=0.5, what="every task run final")
+    """The run's task run states once they are all final."""
+    return [r.state.type.value for r in final_task_runs(flow_run_id)]
 
 
 def run_logs(flow_run_id: str) -> list[str]:

@@ -16,7 +16,7 @@ import time
 
 import psutil
 import pytest
-from helpers import SHARED, session_ray_processes, wait_until
+from helpers import FINAL_STATES, SHARED, session_ray_processes, wait_until
 from prefect import flow
 from prefect_ray import RayTaskRunner
 
@@ -135,9 +135,6 @@ def kill_mid_write(db: DatabaseNode, sql: str, trials: int, retries: int) -> lis
         kill_all(victims)
         outcomes += [outcome(future, [v.pid for v in victims]) for future in futures]
     return outcomes
-
-
-FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 def task_run_state(task_run_id: str, timeout: float = 30.0) -> str:

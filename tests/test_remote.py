@@ -8,12 +8,12 @@ import os
 import threading
 
 import pytest
-from helpers import wait_until
+from helpers import final_task_runs, wait_until
 from nodes import RemoteProbeNode
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterTaskRunId
+from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
 from prefect.context import FlowRunContext
 from prefect_ray import RayTaskRunner
 
@@ -52,15 +52,9 @@ def test_a_members_task_engine_runs_here_and_its_body_on_ray(sqlite_path):
     # ... without a task run context there: the engine ran in this process.
     assert [s["task_run_context"] for s in seen] == [False] * 4
     with get_client(sync_client=True) as client:
-        def completed() -> list | None:
-            # The server records each task run's final state from its events, a moment after
-            # the flow run returned: read until all four are recorded (or time out).
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[out["flow_run_id"]])))
-            inside = [r for r in runs if r.name.startswith("sqlite.inside")]
-            done = len(inside) == 4 and all(r.state_type is not None and r.state_type.value == "COMPLETED" for r in inside)
-            return inside if done else None
-
-        inside = wait_until(completed, timeout=30, interval=0.2, what="four COMPLETED sqlite.inside task runs")
+        runs = final_task_runs(out["flow_run_id"], count=4)
+        inside = [r for r in runs if r.name.startswith("sqlite.inside")]
+        assert len(inside) == 4 and all(r.state_type.value == "COMPLETED" for r in inside), runs
 
         # The line each body logged is on its task run, sent by the driver.
         def logged() -> list[str] | None:
