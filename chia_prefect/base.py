@@ -167,7 +167,7 @@ class DatabaseNode(Block, ABC):
         self._check_paramstyle(sql, seq_of_params, "executemany")
         refuse_transaction_control(sql, all_statements=self.multi_statement, where="executemany")
         with self.atomic(connect_opts) as cur:
-            return run_many(cur, sql, seq_of_params)
+            return self._run_many(cur, sql, seq_of_params)
 
     @write(batch=("ops",))
     def transaction(
@@ -314,6 +314,9 @@ class DatabaseNode(Block, ABC):
     @abstractmethod
     def _run_one(self, cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
         """Run one statement on `cur`; its result."""
+
+    # Run `sql` once per parameter set on `cur` (engine hook); a function, not a method.
+    _run_many = staticmethod(run_many)
 
     def _run_ops(self, cur: Any, ops: list[tuple[str, Any]]) -> list[ResultFields]:
         """Run a `transaction`'s checked ops in order on `cur`; each result's fields (engine

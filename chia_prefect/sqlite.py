@@ -129,6 +129,7 @@ class SQLiteNode(DatabaseNode):
     # The engine's own function, not a method calling it: a transaction calls it once per op.
     _run_one = staticmethod(SQLiteEngine.run_one)
     _run_ops = staticmethod(SQLiteEngine.run_ops)
+    _run_many = staticmethod(SQLiteEngine.run_many)
 
     def _query_tool_session(self, caps: Any) -> Any:  # type: ignore[override]  # options checked by the caller
         """Reads open the file `mode=ro` under a read-only authorizer."""

@@ -78,6 +78,102 @@ def test_sqlite_engine_connects_writes_reads_and_backs_up(tmp_path):
     assert copy.fetch("SELECT COUNT(*) AS n FROM t", (), None) == [{"n": 2}]
 
 
+RUN_MANY_SCHEMA = """
+CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, k INTEGER UNIQUE, v TEXT, w REAL);
+CREATE TABLE seen (n INTEGER PRIMARY KEY, k INTEGER, total INTEGER);
+CREATE TRIGGER t_seen AFTER INSERT ON t BEGIN
+  INSERT INTO seen (k, total) VALUES (NEW.k, (SELECT COUNT(*) FROM t));
+END;
+"""
+
+
+def _many_both_ways(tmp_path, sql, rows, name):
+    """`run_many` on an engine's transaction, and sqlite3's own `executemany` on a twin
+    file: each one's rowcount (or error text), and the tables and trigger records."""
+    outcomes = []
+    for way in ("engine", "raw"):
+        path = tmp_path / f"{name}-{way}.db"
+        engine = SQLiteEngine(str(path))
+        engine.run_script(RUN_MANY_SCHEMA + "INSERT INTO t (k, v) VALUES (-1, 'before');")
+        try:
+            with engine.atomic() as cur:
+                if way == "engine":
+                    done = SQLiteEngine.run_many(cur, sql, rows).rowcount
+                else:
+                    cur.executemany(sql, rows)
+                    done = cur.rowcount
+        except Exception as exc:
+            done = f"{type(exc).__name__}: {exc}"
+        tables = [engine.fetch(f"SELECT * FROM {table} ORDER BY 1", (), None) for table in ("t", "seen")]
+        outcomes.append((done, tables))
+    return outcomes
+
+
+@pytest.mark.parametrize("n", [2, 499, 500, 501, 1234])
+@pytest.mark.parametrize("sql", [
+    "INSERT INTO t (k, v, w) VALUES (?, ?, ?)",
+    "insert or ignore into t(k,v,w) values(?,?,?);",
+    'REPLACE INTO "t" ([k], `v`, "w") VALUES (?, ?, ?)',
+])
+def test_sqlite_run_many_of_an_insert_matches_executemany(tmp_path, sql, n):
+    """A plain INSERT ... VALUES runs as multi-row INSERTs: the same rows, rowids, rowcount
+    and per-row trigger records as `executemany`, duplicates inside the batch included."""
+    rows = [(i % (n - 1) if "ignore" in sql or "REPLACE" in sql else i, f"v{i}", i / 3) for i in range(n)]
+    engine, raw = _many_both_ways(tmp_path, sql, rows, "same")
+    assert engine == raw
+    assert isinstance(engine[0], int) and engine[0] > 0
+
+
+def test_sqlite_run_many_steps_one_statement_per_500_rows(tmp_path):
+    """The fast path is taken: SQLite runs 3 INSERTs for 1,234 rows of 3 values, not 1,234."""
+    path = tmp_path / "trace.db"
+    SQLiteEngine(str(path)).run_script("CREATE TABLE t (k INTEGER, v TEXT, w REAL)")  # no trigger to trace
+    conn = sqlite3.connect(path, isolation_level=None)
+    traced: list[str] = []
+    conn.set_trace_callback(traced.append)
+    conn.execute("BEGIN")
+    result = SQLiteEngine.run_many(conn.cursor(), "INSERT INTO t (k, v, w) VALUES (?, ?, ?)",
+                                   [(i, "v", 1.0) for i in range(1234)])
+    conn.execute("COMMIT")
+    inserts = [s for s in traced if s.startswith("INSERT INTO t")]
+    assert result.rowcount == 1234 and len(inserts) == 3
+    assert [s.count("'v', 1.0)") for s in inserts] == [500, 500, 234]  # traced with the values bound
+    assert conn.execute("SELECT COUNT(*), MIN(k), MAX(k) FROM t").fetchone() == (1234, 0, 1233)
+
+
+@pytest.mark.parametrize("case", ["unbindable", "duplicate", "short_row", "dict_rows", "named", "upsert", "rollback"])
+def test_sqlite_run_many_fails_and_falls_back_as_executemany_does(tmp_path, case):
+    """Rows or statements the multi-row form does not take, and batches that fail in it,
+    end as `executemany` ends: the same error text (naming the row's parameter) and nothing
+    written, or the same rows."""
+    sql = "INSERT INTO t (k, v, w) VALUES (?, ?, ?)"
+    rows: list = [(i, f"v{i}", 0.5) for i in range(1200)]
+    if case == "unbindable":
+        rows[1100] = (1100, {"a": 1}, 0.5)
+    elif case == "duplicate":
+        rows[1100] = (3, "dup", 0.5)
+    elif case == "short_row":
+        rows[700] = (700, "short")
+        rows[701] = (701, "long", 0.5, 9)  # together as many values as two good rows
+    elif case == "dict_rows":
+        rows = [{"k": i, "v": "d", "w": 0.5} for i in range(600)]
+    elif case == "named":
+        sql = "INSERT INTO t (k, v, w) VALUES (:k, :v, :w)"
+        rows = [{"k": i, "v": "n", "w": 0.5} for i in range(600)]
+    elif case == "upsert":
+        sql += " ON CONFLICT (k) DO UPDATE SET v = excluded.v"
+        rows += [(i, "again", 0.5) for i in range(600)]
+    elif case == "rollback":
+        sql = "INSERT OR ROLLBACK INTO t (k, v, w) VALUES (?, ?, ?)"
+        rows[1100] = (-1, "dup of before", 0.5)
+    engine, raw = _many_both_ways(tmp_path, sql, rows, case)
+    assert engine == raw
+    if case in ("unbindable", "duplicate", "short_row", "dict_rows", "rollback"):
+        assert isinstance(engine[0], str) and len(engine[1][0]) == 1, engine[0]  # only the row from before
+    if case == "unbindable":
+        assert "parameter 2" in engine[0]  # the row's parameter, as executemany names it
+
+
 @pytest.mark.postgres
 def test_postgres_engine_connects_writes_reads_and_copies(postgres_dsn):
     engine = PostgresEngine(postgres_dsn, PostgresConnectOptions(connect_timeout_s=5), "engine p")
