@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
-from chia_prefect._sql import ExecResult, RowTable, check_rows, validate_identifier, validate_type_decl
+from chia_prefect._sql import ExecResult, RowTable, check_rows, rows_of_width, validate_identifier, validate_type_decl
 from chia_prefect._ui import optional_field
 from chia_prefect.base import LOGO_BASE_URL, DatabaseNode, idempotency_retention_field
 from chia_prefect.engines.dialect import POSTGRES, Dialect
@@ -225,11 +225,12 @@ class PostgresNode(DatabaseNode):
         names = [validate_identifier(column, "column").lower() for column in columns]
         check_rows(rows, "copy_rows")
         width = len(names)
-        for index, row in enumerate(rows):
-            if not isinstance(row, (tuple, list)) or len(row) != width:
-                raise InvalidOperationError(
-                    f"copy_rows: row {index} must be a tuple of {width} values ({', '.join(names)}), "
-                    f"got {_describe_row(row)}; nothing was executed.")
+        if not rows_of_width(rows, width):
+            for index, row in enumerate(rows):
+                if not isinstance(row, (tuple, list)) or len(row) != width:
+                    raise InvalidOperationError(
+                        f"copy_rows: row {index} must be a tuple of {width} values ({', '.join(names)}), "
+                        f"got {_describe_row(row)}; nothing was executed.")
         with self.atomic(connect_opts) as cur:
             return ExecResult(rowcount=PostgresEngine.copy_into(cur, schema_name.lower(), table_name.lower(), names, rows))
 

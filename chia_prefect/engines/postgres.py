@@ -367,9 +367,9 @@ class PostgresEngine:
             pgsql.SQL(", ").join(pgsql.Identifier(name) for name in columns))
         count = 0
         with cur.copy(statement) as copy:
-            for row in rows:
-                copy.write_row(row)
-                count += 1
+            write_row = copy.write_row
+            for count, row in enumerate(rows, 1):  # noqa: B007  # the count is the result
+                write_row(row)
         return count
 
 

@@ -35,6 +35,7 @@ from chia_prefect._sql import (
     exec_result,
     fetch_dicts,
     fetch_table,
+    rows_of_width,
 )
 from chia_prefect._ui import optional_field
 from chia_prefect.engines.dialect import SQLITE
@@ -381,16 +382,10 @@ def _run_many(cur: sqlite3.Cursor, sql: str, rows: list[Any] | tuple[Any, ...]) 
     if shape is not None:
         head, width = shape
         # Each row a tuple (or each a list) of exactly `width` values: flattened, a short
-        # row would shift every later value into the wrong column. `tuple.__len__` refuses
-        # anything else, so one pass checks both (a dict or str row must not be flattened).
-        kind = type(rows[0])
-        if kind is tuple or kind is list:
-            try:
-                same_width = set(map(kind.__len__, rows)) == {width}
-            except TypeError:
-                same_width = False
-            if same_width:
-                return _run_as_multi_row(cur, sql, rows, head, width)
+        # row would shift every later value into the wrong column (and a dict or str row
+        # must not be flattened at all).
+        if rows_of_width(rows, width):
+            return _run_as_multi_row(cur, sql, rows, head, width)
     cur.executemany(sql, rows)
     return cur.rowcount
 
