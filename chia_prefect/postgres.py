@@ -12,7 +12,7 @@ untrusted reader is a role granted SELECT only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -31,7 +31,7 @@ from chia_prefect.engines.postgres import (
     check_paramstyle,
 )
 from chia_prefect.errors import ConfigurationError, InvalidIdentifierError, InvalidOperationError
-from chia_prefect.members import read, write
+from chia_prefect.members import RowStream, read, write
 from chia_prefect.members.limits import run_logger
 from chia_prefect.members.placement import Placement
 
@@ -208,7 +208,7 @@ class PostgresNode(DatabaseNode):
             "ORDER BY schemaname, tablename, indexname", (names,), None, connect_opts)
         return _render_schema(columns, indexes)
 
-    @write(batch=("rows",))
+    @write(stream=("rows",))
     def copy_rows(
         self, table: str, columns: list[str] | tuple[str, ...], rows: list[Any], *,
         connect_opts: dict[str, Any] | None = None, idempotency_key: str | None = None,
@@ -217,22 +217,45 @@ class PostgresNode(DatabaseNode):
 
         Several times faster than `executemany` of an INSERT for large batches. Each row is a
         tuple or list with one value per column; a value the column refuses rolls it all back.
+        On a Ray worker a large batch arrives in chunks (`RowStream`): each chunk's rows are
+        checked as it is unpacked, while the server takes the last, and a bad row aborts
+        the COPY, so nothing is written.
         """
         schema_name, table_name = _split_table(table)
         if not isinstance(columns, (list, tuple)) or not columns:
             raise InvalidOperationError(
                 f"copy_rows: columns must be a non-empty list of column names, got {columns!r}; nothing was executed.")
         names = [validate_identifier(column, "column").lower() for column in columns]
-        check_rows(rows, "copy_rows")
-        width = len(names)
-        if not rows_of_width(rows, width):
-            for index, row in enumerate(rows):
-                if not isinstance(row, (tuple, list)) or len(row) != width:
-                    raise InvalidOperationError(
-                        f"copy_rows: row {index} must be a tuple of {width} values ({', '.join(names)}), "
-                        f"got {_describe_row(row)}; nothing was executed.")
+        if isinstance(rows, RowStream):
+            stream: Iterable[Any] = _checked_stream(rows, names)
+        else:
+            _check_chunk(check_rows(rows, "copy_rows"), names, 0, "nothing was executed")
+            stream = rows
         with self.atomic(connect_opts) as cur:
-            return ExecResult(rowcount=PostgresEngine.copy_into(cur, schema_name.lower(), table_name.lower(), names, rows))
+            return ExecResult(rowcount=PostgresEngine.copy_into(cur, schema_name.lower(), table_name.lower(), names, stream))
+
+def _check_chunk(rows: list[Any] | tuple[Any, ...], names: list[str], start: int, outcome: str) -> None:
+    """Raise, naming the row (counted from `start`), unless every row is a tuple or list of
+    one value per column."""
+    width = len(names)
+    if rows_of_width(rows, width):
+        return
+    for index, row in enumerate(rows, start):
+        if not isinstance(row, (tuple, list)) or len(row) != width:
+            raise InvalidOperationError(
+                f"copy_rows: row {index} must be a tuple of {width} values ({', '.join(names)}), "
+                f"got {_describe_row(row)}; {outcome}.")
+
+
+def _checked_stream(stream: RowStream, names: list[str]) -> Iterator[Any]:
+    """A streamed batch's rows, each chunk checked before any of its rows is written (a bad
+    row raises inside the COPY, which aborts it)."""
+    start = 0
+    for rows in stream.lists():
+        _check_chunk(rows, names, start, "the COPY was rolled back; nothing was written")
+        yield from rows
+        start += len(rows)
+
 
 def _describe_row(row: object) -> str:
     if isinstance(row, (tuple, list)):

@@ -225,3 +225,8 @@ class RemoteProbeNode(SQLiteNode):
         import gc
 
         return {"collecting": gc.isenabled(), "rows": len(rows)}
+
+    @write(stream=("rows",))
+    def streamed(self, rows: list, *, connect_opts: dict | None = None) -> dict:
+        """What a streamed batch reaches the body as, and its rows read once, in order."""
+        return {"type": type(rows).__name__, "len": len(rows), "firsts": [row[0] for row in rows]}

@@ -20,6 +20,13 @@ def copy_flow(block: str, n: int) -> tuple[int, int]:
     return result.rowcount, db.query_value("SELECT count(*) FROM points")
 
 
+@flow(task_runner=FastRayTaskRunner())
+def copy_with_a_late_bad_row(block: str, n: int, bad: int) -> None:
+    rows = [(i, f"p{i}", i / 2) for i in range(n)]
+    rows[bad] = (bad, "no value")
+    PostgresNode.load(block).copy_rows("points", ["id", "name", "value"], rows)
+
+
 def _count(db) -> int:
     return db.query_value("SELECT count(*) FROM points")
 
@@ -37,6 +44,20 @@ def test_copy_on_ray(postgres_db, ray_cluster):
     postgres_db.init_schema(SCHEMA)
     postgres_db.save("copy-target", overwrite=True)
     assert copy_flow("copy-target", 20_000) == (20_000, 20_000)
+    stored = postgres_db.query("SELECT id, name FROM points WHERE id IN (0, 9999, 10000, 19999) ORDER BY id")
+    assert stored == [{"id": i, "name": f"p{i}"} for i in (0, 9999, 10000, 19999)]  # across the chunks
+
+
+@pytest.mark.ray
+def test_copy_on_ray_of_a_bad_row_in_a_late_chunk_writes_nothing(postgres_db, ray_cluster):
+    """On Ray the rows stream in chunks, each checked as it is unpacked while the server
+    takes the last: a bad row in the third chunk aborts the COPY, naming the row."""
+    postgres_db.init_schema(SCHEMA)
+    postgres_db.save("copy-late-bad", overwrite=True)
+    with pytest.raises(InvalidOperationError, match=r"row 25000 must be a tuple of 3 values \(id, name, value\), "
+                       r"got a tuple of 2; the COPY was rolled back; nothing was written"):
+        copy_with_a_late_bad_row("copy-late-bad", 30_000, 25_000)
+    assert _count(postgres_db) == 0
 
 
 def test_a_bad_value_rolls_back_everything(postgres_db):

@@ -77,6 +77,39 @@ def test_a_body_unpacks_a_marshalled_batch_with_the_collector_held_until_its_row
         gc.enable()
 
 
+@pytest.mark.parametrize("how", ["protocol 4", "out of band (as Ray sends it)"])
+def test_a_streamed_batch_reaches_the_body_in_chunks_read_once_in_order(tmp_path, how):
+    """`write(stream=...)`: a large batch leaves marshalled in chunks of STREAM_CHUNK_ROWS and
+    reaches the body as a `RowStream`, unpacked a chunk at a time as it is read; in-process,
+    small or keyed, the body gets the list."""
+    from nodes import RemoteProbeNode
+
+    from chia_prefect.members import RowStream
+    from chia_prefect.members.binding import STREAM_CHUNK_ROWS
+
+    def arrived(value: list) -> Batch:
+        if how == "protocol 4":
+            return pickle.loads(pickle.dumps(Batch(value, stream=True), protocol=4))
+        buffers: list = []
+        payload = pickle.dumps(Batch(value, stream=True), protocol=5, buffer_callback=buffers.append)
+        assert len(buffers) == -(-len(value) // STREAM_CHUNK_ROWS) or len(value) <= STREAM_CHUNK_ROWS
+        return pickle.loads(payload, buffers=buffers)
+
+    node = RemoteProbeNode(db_path=str(tmp_path / "stream.db"))
+    body = type(node).streamed
+    n = 2 * STREAM_CHUNK_ROWS + 7
+    rows = [(i, f"r{i}") for i in range(n)]
+    box = arrived(rows)
+    assert isinstance(box.packed, RowStream) and len(box.packed.chunks) == 3
+    assert body.run_body(node, (box,), {}, None) == {"type": "RowStream", "len": n, "firsts": list(range(n))}
+    assert body.run_body(node, (arrived(rows),), {}, "stream-key")["type"] == "list"  # a key's digest reads it whole
+    assert body.run_body(node, (Batch(rows, stream=True),), {}, None)["type"] == "list"  # in-process
+    assert body.run_body(node, (arrived(rows[:50]),), {}, None) == {"type": "list", "len": 50, "firsts": list(range(50))}
+    assert arrived(rows).value == rows  # Batch.value reads a stream whole
+    moved = pickle.loads(pickle.dumps(arrived(rows)))  # a stream passed on again
+    assert body.run_body(node, (moved,), {}, None)["firsts"] == list(range(n))
+
+
 def test_a_member_is_bound_once_per_node_and_never_to_a_copy(tmp_path):
     db = SQLiteNode(db_path=str(tmp_path / "a.db"))
     assert db.execute is db.execute and db.query is not db.execute

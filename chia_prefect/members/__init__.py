@@ -21,6 +21,7 @@ from chia_prefect.members.binding import (
     Kind,
     Member,
     MemberTask,
+    RowStream,
     abstract_member,
     member_logger,
     on_ray_runner,
@@ -30,6 +31,6 @@ from chia_prefect.members.binding import (
 from chia_prefect.members.host import MemberHost
 
 __all__ = [
-    "Batch", "Kind", "Member", "MemberHost", "MemberTask", "abstract_member", "member_logger", "on_ray_runner", "read",
+    "Batch", "Kind", "Member", "MemberHost", "MemberTask", "RowStream", "abstract_member", "member_logger", "on_ray_runner", "read",
     "write",
 ]
