@@ -64,13 +64,25 @@ def server(tmp_path_factory):
 
 
 def stop(process: subprocess.Popen) -> None:
-    """Stop a worker; one still draining its flow-run subprocess is killed after 60 s."""
-    process.terminate()
+    """Stop a worker started in a session of its own, with the flow-run subprocesses it
+    started (one it picked up just before would outlive it, and wait for an API that the
+    module's end stops); what is still draining after 60 s is killed."""
+    def signal_all(sig: int) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    signal_all(signal.SIGTERM)
     try:
         process.wait(60)
     except subprocess.TimeoutExpired:
-        process.kill()
+        signal_all(signal.SIGKILL)
         process.wait(30)
+    deadline = time.monotonic() + 10
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    signal_all(signal.SIGKILL)
 
 
 def cli(server, *args: str, timeout: float = 300) -> str:

@@ -225,7 +225,7 @@ def test_a_scheduled_deployment_run_shows_member_tasks_and_the_migration_artifac
     worker_log = tmp_path / "worker.log"
     with open(worker_log, "w") as log:
         worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "ui-pool"], cwd=ROOT,
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         run = finished_run({"url": ui_server["api"]}, {"deployments": {"id": {"any_": [deployment_id]}}},
                            worker_log, timeout=420)
