@@ -4,7 +4,10 @@ server, called directly, with no Prefect task, flow or Ray in between."""
 from __future__ import annotations
 
 import ast
+import os
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +79,37 @@ def test_sqlite_engine_connects_writes_reads_and_backs_up(tmp_path):
     assert sorted(p.name for p in (tmp_path / "backups").glob("*.db")) == sorted(Path(b).name for b in backups[1:])
     copy = SQLiteEngine(backups[-1])
     assert copy.fetch("SELECT COUNT(*) AS n FROM t", (), None) == [{"n": 2}]
+
+
+def test_sqlite_write_connections_close_in_threads_that_end(tmp_path):
+    """200 committed writes in one process: each connection is closed in a thread of its
+    own after COMMIT, and nothing is left of them: no closing thread, no descriptor of the
+    file, and the last close checkpointed the WAL (its file is gone)."""
+    path = str(tmp_path / "close.db")
+    engine = SQLiteEngine(path)
+    engine.run_script("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+
+    def open_on_file() -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(path):
+                found.append(target)
+        return found
+
+    for i in range(200):
+        with engine.atomic() as cur:
+            engine.run_one(cur, "INSERT INTO t (v) VALUES (?)", (str(i),))
+    closing = lambda: [t for t in threading.enumerate() if t.name == "chia-sqlite-close"]  # noqa: E731
+    deadline = time.monotonic() + 10
+    while closing() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert closing() == [] and open_on_file() == []
+    assert not os.path.exists(path + "-wal")
+    assert engine.fetch("SELECT COUNT(*) AS n FROM t", (), None) == [{"n": 200}]
 
 
 RUN_MANY_SCHEMA = """

@@ -217,10 +217,7 @@ class SQLiteEngine:
                         conn.execute("ROLLBACK")
                     raise
         finally:
-            if committed:
-                # Not a daemon: an exiting interpreter waits the few ms for it.
-                threading.Thread(target=conn.close, name="chia-sqlite-close").start()
-            else:
+            if not (committed and _close_in_a_thread(conn)):
                 conn.close()
 
     @contextmanager
@@ -374,6 +371,16 @@ class SQLiteEngine:
             for old in sorted(Path(directory).glob(f"{stem}-*.db"))[:-keep]:
                 old.unlink()
         return final
+
+
+def _close_in_a_thread(conn: sqlite3.Connection) -> bool:
+    """Close `conn` in a thread of its own; False if no thread could start (the caller then
+    closes it). Not a daemon: an exiting interpreter waits the few ms for it."""
+    try:
+        threading.Thread(target=conn.close, name="chia-sqlite-close").start()
+    except RuntimeError:  # no thread to be had (a process at its limit, or shutting down)
+        return False
+    return True
 
 
 def _run_many(cur: sqlite3.Cursor, sql: str, rows: list[Any] | tuple[Any, ...]) -> int:
