@@ -64,25 +64,36 @@ def server(tmp_path_factory):
 
 
 def stop(process: subprocess.Popen) -> None:
-    """Stop a worker started in a session of its own, with the flow-run subprocesses it
-    started (one it picked up just before would outlive it, and wait for an API that the
-    module's end stops); what is still draining after 60 s is killed."""
-    def signal_all(sig: int) -> None:
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    signal_all(signal.SIGTERM)
+    """Stop a worker; one still draining its flow-run subprocess is killed after 60 s."""
+    process.terminate()
     try:
         process.wait(60)
     except subprocess.TimeoutExpired:
-        signal_all(signal.SIGKILL)
+        process.kill()
         process.wait(30)
-    deadline = time.monotonic() + 10
-    while _group_alive(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    signal_all(signal.SIGKILL)
+
+
+def end_flow_runs_of(api_url: str) -> None:
+    """End the flow-run processes of the Prefect API at `api_url` that are still running.
+
+    A process worker starts each flow run in a session of its own, so stopping the worker
+    (or its process group) leaves a run it picked up just before; that run would then wait
+    for an API the test stops, holding its local Ray, after the test has ended."""
+    import psutil
+
+    runs = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("PREFECT_API_URL") == api_url \
+                    and "prefect.engine" in " ".join(proc.cmdline()):
+                runs.append(proc)
+        except psutil.Error:
+            continue
+    for proc in runs:
+        proc.terminate()  # the run's local Ray stops with it
+    _, alive = psutil.wait_procs(runs, timeout=20)
+    for proc in alive:
+        proc.kill()
 
 
 def cli(server, *args: str, timeout: float = 300) -> str:
@@ -180,6 +191,7 @@ def test_readme_deployment_block_as_written_then_every_deployment(tmp_path):
         assert len(backups) == 1
         assert _sqlite(backups[0], "SELECT COUNT(*) FROM chia_schema_versions") == [(2,)]
     finally:
+        end_flow_runs_of(f"http://127.0.0.1:{port}/api")
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(shell.pid, sig)  # the server and worker the block left running

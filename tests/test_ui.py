@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from helpers import wait_until
 from prefect.blocks.core import Block
-from test_deployments import BIN, ROOT, finished_run, free_port, stop, wait_healthy
+from test_deployments import BIN, ROOT, end_flow_runs_of, finished_run, free_port, stop, wait_healthy
 from test_deployments import api as deployments_api
 
 from chia_prefect import ConfigurationError, SQLiteNode
@@ -225,12 +225,13 @@ def test_a_scheduled_deployment_run_shows_member_tasks_and_the_migration_artifac
     worker_log = tmp_path / "worker.log"
     with open(worker_log, "w") as log:
         worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "ui-pool"], cwd=ROOT,
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         run = finished_run({"url": ui_server["api"]}, {"deployments": {"id": {"any_": [deployment_id]}}},
                            worker_log, timeout=420)
     finally:
         stop(worker)
+        end_flow_runs_of(ui_server["api"])  # the next scheduled run, if the worker took it
     assert run["auto_scheduled"] and run["state"]["type"] == "COMPLETED"
 
     # The deployment's flow runs `migrate`, a subflow: the members and the artifact are its.
