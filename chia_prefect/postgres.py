@@ -234,6 +234,7 @@ class PostgresNode(DatabaseNode):
         with self.atomic(connect_opts) as cur:
             return ExecResult(rowcount=PostgresEngine.copy_into(cur, schema_name.lower(), table_name.lower(), names, stream))
 
+
 def _check_chunk(rows: list[Any] | tuple[Any, ...], names: list[str], start: int, outcome: str) -> None:
     """Raise, naming the row (counted from `start`), unless every row is a tuple or list of
     one value per column."""

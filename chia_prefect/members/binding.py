@@ -75,7 +75,7 @@ class Batch:
     def value(self) -> Any:
         """The boxed argument (unpacked on first use if it arrived marshalled)."""
         if self.packed is not None:
-            self._value, self.packed = _unmarshal(self.packed), None
+            self._value, self.packed = materialized(self.unpacked()), None
         return self._value
 
     def __reduce_ex__(self, protocol: int) -> tuple[Any, tuple[Any, ...]]:  # type: ignore[override]
@@ -150,10 +150,6 @@ class RowStream:
 
 def _stream_from_marshal(chunks: tuple[Any, ...], total: int) -> Batch:
     return Batch(None, RowStream(chunks, total))
-
-
-def _unmarshal(packed: Any) -> Any:
-    return list(packed) if isinstance(packed, RowStream) else marshal.loads(packed)
 
 
 def materialized(value: Any) -> Any:
