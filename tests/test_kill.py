@@ -62,8 +62,13 @@ def sqlite_reset_wal(db: DatabaseNode) -> None:
 
 
 def sqlite_statement_in_progress(db: DatabaseNode) -> bool:
-    wal = db.db_path + "-wal"
-    return os.path.exists(wal) and os.path.getsize(wal) > 1_000_000
+    # The WAL can vanish between two looks: the last connection to close (a
+    # write's connection closes in a thread after its commit) checkpoints and
+    # deletes it.
+    try:
+        return os.path.getsize(db.db_path + "-wal") > 1_000_000
+    except FileNotFoundError:
+        return False
 
 
 def postgres_active_inserts(db: DatabaseNode) -> int:
