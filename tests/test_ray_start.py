@@ -109,7 +109,6 @@ def ray_start_cluster(tmp_path_factory, prefect_api):
 
 DRIVER = textwrap.dedent("""
     import json, sys, time
-    t = time.monotonic()
     from prefect import flow
     from prefect_ray import RayTaskRunner
     from nodes import ProbeSQLiteNode
@@ -141,6 +140,7 @@ DRIVER = textwrap.dedent("""
         out["groups_left"] = [g["name"] for g in placement_group_table().values() if g["state"] != "REMOVED"]
         return out
 
+    t = time.monotonic()  # from the flow call: imports on a loaded machine took up to 8 s
     try:
         print("RESULT " + json.dumps({"ok": on_cluster(db_path), "s": time.monotonic() - t}))
     except Exception as exc:
@@ -177,12 +177,15 @@ def test_driver_without_the_token_fails_fast_naming_the_fix(ray_start_cluster, t
 @pytest.mark.parametrize("kind", ["gcs", "client"])
 def test_members_pin_and_group_land_on_the_intended_node(ray_start_cluster, tmp_path, kind):
     result = drive(ray_start_cluster, ray_start_cluster[kind], tmp_path / "app.db", with_token=True)
-    if kind == "client" and result.get("error") == "ConnectionAbortedError":
-        # Seen once in a full suite run on 2 busy cores: the Ray Client server's per-client
-        # process failed its own ray.init ("Initialization failure from server"). Not
-        # reproduced alone or under two CPU hogs; a user would connect again, so does this.
-        print(f"ray:// connection aborted once, connecting again: {result.get('message', '')[-2000:]}")
-        result = drive(ray_start_cluster, ray_start_cluster[kind], tmp_path / "app2.db", with_token=True)
+    for attempt in (2, 3):
+        if kind != "client" or result.get("error") != "ConnectionAbortedError":
+            break
+        # Seen in full suite runs on 2 busy cores (twice in a row once): the Ray Client
+        # server's per-client process failed its own start ("Initialization failure from
+        # server"; Ray's proxier read the cmdline of a zombie). Not reproduced alone or under
+        # two CPU hogs; a user would connect again, so does this.
+        print(f"ray:// connection aborted, connecting again: {result.get('message', '')[-2000:]}")
+        result = drive(ray_start_cluster, ray_start_cluster[kind], tmp_path / f"app{attempt}.db", with_token=True)
     if "ok" not in result:
         pytest.fail(f"{result.get('error')}: {result.get('message')}\n--- driver stderr:\n{result['stderr'][-6000:]}")
     out = result["ok"]
