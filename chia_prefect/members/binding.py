@@ -58,6 +58,16 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+# The marshal format of batches and results: 2, which writes no back-references. Formats 3
+# and 4 (the default) enter every object that has other references in a table as they
+# write it: 100k rows whose values were also held elsewhere (a list of names, a frame's
+# column) took 44-55 ms to write in format 4 and 9-11 ms in format 2 (Python 3.11). For
+# values held by the rows alone, format 4 wrote faster (6.5 ms against 10.3) and read
+# slower (17.8 ms against 12.2). Format 2 takes 20% more bytes; shared objects travel once
+# per use.
+MARSHAL_FORMAT = 2
+
+
 class Batch:
     """An opaque box for a large argument (rows, ops).
 
@@ -89,11 +99,11 @@ class Batch:
         value = self._value
         try:
             if self.stream and len(value) > STREAM_CHUNK_ROWS:
-                chunks = [marshal.dumps(value[start:start + STREAM_CHUNK_ROWS])
+                chunks = [marshal.dumps(value[start:start + STREAM_CHUNK_ROWS], MARSHAL_FORMAT)
                           for start in range(0, len(value), STREAM_CHUNK_ROWS)]
                 return (_stream_from_marshal, (tuple(map(pickle.PickleBuffer, chunks)) if protocol >= 5
                                                else tuple(chunks), len(value)))
-            payload = marshal.dumps(value)
+            payload = marshal.dumps(value, MARSHAL_FORMAT)
         except ValueError:
             return (Batch, (value,))
         return (_batch_from_marshal, (pickle.PickleBuffer(payload) if protocol >= 5 else payload,))
@@ -195,7 +205,7 @@ class ShippedRows:
 
     def __reduce_ex__(self, protocol: int) -> tuple[Any, tuple[Any, ...]]:  # type: ignore[override]
         try:
-            payload = marshal.dumps(self.table.rows)
+            payload = marshal.dumps(self.table.rows, MARSHAL_FORMAT)
         except ValueError:  # Decimal, datetime, ...: pickle keeps the exact types
             return (_dicts, (self.table.names, self.table.rows))
         return (_dicts_from_marshal, (self.table.names, pickle.PickleBuffer(payload) if protocol >= 5 else payload))
@@ -214,7 +224,7 @@ class ShippedResults:
 
     def __reduce_ex__(self, protocol: int) -> tuple[Any, tuple[Any, ...]]:  # type: ignore[override]
         try:
-            payload = marshal.dumps(self.fields)
+            payload = marshal.dumps(self.fields, MARSHAL_FORMAT)
         except ValueError:  # rows holding values marshal cannot take: pickle keeps their types
             return (exec_results_of, (self.fields,))
         return (exec_results_from_marshal, (payload,))
