@@ -65,10 +65,6 @@ def median_of(repeat: int, fn: Any) -> float:
 
 # ------------------------------------------------------------------ raw baselines
 
-def raw_sqlite_ingest(path: str, rows: list[tuple]) -> float:
-    return bf.raw_sqlite_timed(path, lambda conn: conn.executemany(bf.INSERT, rows))
-
-
 RAW_MEMORY_SCRIPT = """
 import os, sqlite3, sys, psutil
 sys.path.insert(0, sys.argv[3])
@@ -177,16 +173,14 @@ def bench_sqlite_ingest(work: Path, sizes: dict[str, int], repeat: int) -> dict[
     out: dict[str, Any] = {}
     flow = bf.sqlite_ingest.with_options(task_runner=FastRayTaskRunner())
     for label, n in sizes.items():
-        rows = bf.make_rows(n)
-        reps = repeat if n <= 200_000 else max(1, repeat - 1)
-        raw = median_of(reps, lambda rows=rows, label=label: raw_sqlite_ingest(str(work / f"raw-{label}-{time.monotonic_ns()}.db"), rows))
-        del rows
-        runs = [flow(str(work / f"member-{label}-{r}.db"), n) for r in range(reps)]
+        # Interleaved rounds in one flow run (raw, then the member): 7 for 100k rows, 3 for 1M.
+        rounds = 2 * repeat + 1 if n <= 200_000 else repeat
+        timed = flow(str(work), label, n, rounds)
         sampler = None
         if n >= 1_000_000:  # one more run for memory: the sampler's polling would slow a timed one
             with RssSampler() as sampler:
-                flow(str(work / f"member-{label}-memory.db"), n)
-        out[label] = {"rows": n, "raw": raw, "member": statistics.median(runs)}
+                flow(str(work), f"{label}-memory", n, 1)
+        out[label] = {"rows": n, "rounds": rounds, **timed}
         if sampler is not None:
             driver, worker = sampler.deltas()
             out[label]["memory"] = {"driver_peak_delta": driver, "worker_peak_delta": worker,
@@ -227,41 +221,16 @@ def bench_reads(work: Path, n_rows: int, repeat: int) -> dict[str, Any]:
 def bench_postgres(dsn: str, n_rows: int, repeat: int) -> dict[str, Any]:
     import psycopg
 
-    rows = bf.make_rows(n_rows)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS t")
         conn.execute(bf.PG_SCHEMA)
-
-    def raw_executemany() -> float:
-        with psycopg.connect(dsn) as conn:
-            conn.execute("TRUNCATE t")
-            conn.commit()
-            start = time.perf_counter()
-            with conn.cursor() as cur:
-                cur.executemany(bf.PG_INSERT, rows)
-            conn.commit()
-            return time.perf_counter() - start
-
-    def raw_copy() -> float:
-        with psycopg.connect(dsn) as conn:
-            conn.execute("TRUNCATE t")
-            conn.commit()
-            start = time.perf_counter()
-            with conn.cursor() as cur, cur.copy("COPY t (id, name, value) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-            conn.commit()
-            return time.perf_counter() - start
-
-    raw_many = median_of(repeat, raw_executemany)
-    raw_cp = median_of(repeat, raw_copy)
     PostgresNode(dsn=dsn).save("bench-postgres", overwrite=True)
-    flow = bf.postgres_ingest.with_options(task_runner=FastRayTaskRunner())
-    runs = [flow("bench-postgres", n_rows) for _ in range(repeat)]
+    # Interleaved rounds in one flow run (raw, then the member), as the SQLite ingest.
+    rounds = 2 * repeat - 1
+    timed = bf.postgres_ingest.with_options(task_runner=FastRayTaskRunner())("bench-postgres", n_rows, rounds)
     return {
-        "rows": n_rows, "raw_executemany": raw_many, "raw_copy": raw_cp,
-        "member_executemany": statistics.median(r["executemany"] for r in runs),
-        "member_copy": statistics.median(r["copy"] for r in runs),
+        "rows": n_rows, "rounds": rounds, "raw_executemany": timed["raw_executemany"], "raw_copy": timed["raw_copy"],
+        "member_executemany": timed["executemany"], "member_copy": timed["copy"],
     }
 
 
