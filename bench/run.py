@@ -179,7 +179,7 @@ def bench_sqlite_ingest(work: Path, sizes: dict[str, int], repeat: int) -> dict[
         sampler = None
         if n >= 1_000_000:  # one more run for memory: the sampler's polling would slow a timed one
             with RssSampler() as sampler:
-                flow(str(work), f"{label}-memory", n, 1)
+                flow(str(work), f"{label}-memory", n, 1, with_raw=False)
         out[label] = {"rows": n, "rounds": rounds, **timed}
         if sampler is not None:
             driver, worker = sampler.deltas()
