@@ -165,7 +165,8 @@ def test_writers_queue_on_a_lock_file_and_fall_back_after_the_timeout(sqlite_db)
     deadline = time.monotonic() + 5
     while _open_fds() > fds and time.monotonic() < deadline:  # the abandoned waiter closes its fd
         time.sleep(0.05)
-    assert _open_fds() == fds
+    assert _open_fds() == fds, sorted(os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                                      if os.path.exists(f"/proc/self/fd/{fd}"))
     sqlite_db.execute("INSERT INTO q (v) VALUES (?)", ("no wait",))
     assert sqlite_db.query_value("SELECT count(*) FROM q") == 2
 
