@@ -157,7 +157,7 @@ class DatabaseNode(Block, ABC):
         with self.atomic(connect_opts) as cur:
             return self._run_one(cur, sql, params)
 
-    @write(batch=("seq_of_params",))
+    @write(flat=("seq_of_params",))
     def executemany(
         self, sql: str, seq_of_params: list[Any], *, connect_opts: dict[str, Any] | None = None,
         idempotency_key: str | None = None,

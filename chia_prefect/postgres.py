@@ -229,7 +229,8 @@ class PostgresNode(DatabaseNode):
         if isinstance(rows, RowStream):
             stream: Iterable[Any] = _checked_stream(rows, names)
         else:
-            _check_chunk(check_rows(rows, "copy_rows"), names, 0, "nothing was executed")
+            check_rows(rows, "copy_rows")
+            _check_chunk(rows, names, 0, "nothing was executed")
             stream = rows
         with self.atomic(connect_opts) as cur:
             return ExecResult(rowcount=PostgresEngine.copy_into(cur, schema_name.lower(), table_name.lower(), names, stream))

@@ -226,6 +226,11 @@ class RemoteProbeNode(SQLiteNode):
 
         return {"collecting": gc.isenabled(), "rows": len(rows)}
 
+    @write(flat=("rows",))
+    def flattened(self, rows: list, *, connect_opts: dict | None = None) -> dict:
+        """What a flat batch reaches the body as, and its rows."""
+        return {"type": type(rows).__name__, "len": len(rows), "rows": list(rows)}
+
     @write(stream=("rows",))
     def streamed(self, rows: list, *, connect_opts: dict | None = None) -> dict:
         """What a streamed batch reaches the body as, and its rows read once, in order."""

@@ -10,6 +10,7 @@ import gc
 import multiprocessing
 import os
 import pickle
+import sqlite3
 import time
 
 import pytest
@@ -133,6 +134,70 @@ def test_a_streamed_batch_reaches_the_body_in_chunks_read_once_in_order(tmp_path
     exact = [(decimal.Decimal(i), datetime.date(2020, 1, 1)) for i in range(n)]  # marshal refuses: pickled whole
     assert body.run_body(node, (arrived(exact),), {}, None) == {"type": "list", "len": n,
                                                                 "firsts": [decimal.Decimal(i) for i in range(n)]}
+
+
+@pytest.mark.parametrize("how", ["protocol 4", "out of band (as Ray sends it)"])
+def test_a_flat_batch_reaches_the_body_as_flat_rows_of_the_same_tuples(tmp_path, how):
+    """`write(flat=...)`: a list of FLAT_MIN_ROWS or more tuples of one width leaves as one
+    flat list of values and reads on the worker as the same rows (`FlatRows`); any other
+    shape, a keyed call and a call in the caller's process get what was passed."""
+    from nodes import RemoteProbeNode
+
+    from chia_prefect._sql import FlatRows
+    from chia_prefect.members.binding import FLAT_MIN_ROWS
+
+    def arrived(value: list) -> Batch:
+        if how == "protocol 4":
+            return pickle.loads(pickle.dumps(Batch(value, flat=True), protocol=4))
+        buffers: list = []
+        payload = pickle.dumps(Batch(value, flat=True), protocol=5, buffer_callback=buffers.append)
+        return pickle.loads(payload, buffers=buffers)
+
+    node = RemoteProbeNode(db_path=str(tmp_path / "flat.db"))
+    body = type(node).flattened
+    n = FLAT_MIN_ROWS + 3
+    rows = [(i, f"r{i}", i * 0.5, None) for i in range(n)]
+    box = arrived(rows)
+    assert box.width == 4 and isinstance(box.unpacked(), FlatRows)
+    assert body.run_body(node, (box,), {}, None) == {"type": "FlatRows", "len": n, "rows": rows}
+    assert body.run_body(node, (arrived(rows),), {}, "flat-key")["type"] == "list"  # a key's digest reads the rows
+    assert body.run_body(node, (Batch(rows, flat=True),), {}, None)["type"] == "list"  # in-process
+    assert arrived(rows).value == rows
+    moved = pickle.loads(pickle.dumps(arrived(rows)))  # passed on again: still flat
+    assert moved.width == 4 and body.run_body(node, (moved,), {}, None)["rows"] == rows
+    for shape in (rows[:FLAT_MIN_ROWS - 1], [list(r) for r in rows], rows + [(1, 2)], [{"a": 1}] * n,
+                  tuple(rows), [(datetime.date(2020, 1, 1), i) for i in range(n)]):
+        kept = arrived(shape)
+        assert not kept.width and body.run_body(node, (kept,), {}, None) == {
+            "type": type(shape).__name__, "len": len(shape), "rows": list(shape)}
+
+    flat = FlatRows([1, "a", 2, "b", 3, "c"], 2)
+    assert len(flat) == 3 and list(flat) == [(1, "a"), (2, "b"), (3, "c")]
+    assert flat[0] == (1, "a") and flat[-1] == (3, "c") and flat[1:] == [(2, "b"), (3, "c")]
+    with pytest.raises(IndexError):
+        flat[3]
+    assert list(pickle.loads(pickle.dumps(flat))) == list(flat) and "3 rows of 2" in repr(flat)
+
+
+def test_executemany_of_flat_rows_stores_the_same_rows_and_errors(tmp_path):
+    """SQLite's multi-row INSERT takes slices of a `FlatRows`' values; any other statement,
+    and a failing batch, run as `executemany` over its tuples."""
+    from chia_prefect._sql import FlatRows
+
+    db = SQLiteNode(db_path=str(tmp_path / "flat.db"))
+    db.init_schema("CREATE TABLE f (id INTEGER PRIMARY KEY, name TEXT NOT NULL, v REAL)")
+    n = 2_345
+    rows = [(i, f"n{i}", i / 4) for i in range(n)]
+    flat = FlatRows([value for row in rows for value in row], 3)
+    assert SQLiteNode.executemany.fn(db, "INSERT INTO f (id, name, v) VALUES (?, ?, ?)", flat).rowcount == n
+    assert [tuple(r.values()) for r in db.query("SELECT id, name, v FROM f ORDER BY id")] == rows
+    changed = FlatRows([value for i in range(n) for value in (f"m{i}", i)], 2)
+    assert SQLiteNode.executemany.fn(db, "UPDATE f SET name = ? WHERE id = ?", changed).rowcount == n
+    assert db.query_value("SELECT name FROM f WHERE id = 2000") == "m2000"
+    bad = FlatRows([value for i in range(n) for value in (n + i, None if i == 1500 else "x", 0.0)], 3)
+    with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
+        SQLiteNode.executemany.fn(db, "INSERT INTO f (id, name, v) VALUES (?, ?, ?)", bad)
+    assert db.query_value("SELECT count(*) FROM f") == n  # all or nothing
 
 
 def test_a_member_is_bound_once_per_node_and_never_to_a_copy(tmp_path):

@@ -138,6 +138,26 @@ def test_large_batch_reaches_worker_boxed(sqlite_db):
     assert bulk_flow(sqlite_db, 100_000) == [100_000, 100_000, 10, 199_990]
 
 
+@flow(task_runner=FastRayTaskRunner())
+def keyed_bulk_flow(db: DatabaseNode, n: int, key: str) -> dict:
+    rows = [(i, f"name-{i}") for i in range(n)]
+    from chia_prefect.members.binding import _flat_width
+
+    result = db.executemany("INSERT INTO bulk (id, name) VALUES (?, ?)", rows, idempotency_key=key)
+    return {"flat": _flat_width(rows) == 2, "rowcount": result.rowcount}
+
+
+def test_a_keyed_flat_batch_has_the_digest_of_its_rows(sqlite_db):
+    """A large batch of tuples reaches the worker flat (`FlatRows`); a key's digest is taken
+    over the same rows, so a key first used in-process is recognised on Ray."""
+    sqlite_db.init_schema("CREATE TABLE bulk (id INTEGER PRIMARY KEY, name TEXT)")
+    rows = [(i, f"name-{i}") for i in range(2_000)]
+    assert sqlite_db.executemany("INSERT INTO bulk (id, name) VALUES (?, ?)", rows,
+                                 idempotency_key="flat-key").rowcount == 2_000
+    assert keyed_bulk_flow(sqlite_db, 2_000, "flat-key") == {"flat": True, "rowcount": 2_000}
+    assert sqlite_db.query_value("SELECT COUNT(*) FROM bulk") == 2_000  # not written twice
+
+
 @flow
 def thread_runner_flow(db: ProbeSQLiteNode) -> dict:
     db.init_schema("CREATE TABLE t (x INTEGER)")

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from chia_prefect._sql import (
     SQLITE_FULL,
     ExecResult,
+    FlatRows,
     ResultFields,
     RowTable,
     check_single_params,
@@ -383,7 +384,7 @@ def _close_in_a_thread(conn: sqlite3.Connection) -> bool:
     return True
 
 
-def _run_many(cur: sqlite3.Cursor, sql: str, rows: list[Any] | tuple[Any, ...]) -> int:
+def _run_many(cur: sqlite3.Cursor, sql: str, rows: list[Any] | tuple[Any, ...] | FlatRows) -> int:
     """`SQLiteEngine.run_many`'s rowcount."""
     shape = _values_insert(sql) if len(rows) > 1 and isinstance(sql, str) else None
     if shape is not None:
@@ -391,15 +392,23 @@ def _run_many(cur: sqlite3.Cursor, sql: str, rows: list[Any] | tuple[Any, ...]) 
         # Each row a tuple (or each a list) of exactly `width` values: flattened, a short
         # row would shift every later value into the wrong column (and a dict or str row
         # must not be flattened at all).
-        if rows_of_width(rows, width):
+        if rows.width == width if isinstance(rows, FlatRows) else rows_of_width(rows, width):
             return _run_as_multi_row(cur, sql, rows, head, width)
     cur.executemany(sql, rows)
     return cur.rowcount
 
 
-def _run_as_multi_row(cur: sqlite3.Cursor, sql: str, rows: list[Any] | tuple[Any, ...], head: str, width: int) -> int:
+def _run_as_multi_row(cur: sqlite3.Cursor, sql: str, rows: list[Any] | tuple[Any, ...] | FlatRows, head: str,
+                      width: int) -> int:
     per = max(1, _PARAMS_PER_STATEMENT // width)
     whole = len(rows) - len(rows) % per
+    flat = rows.flat if isinstance(rows, FlatRows) else None
+
+    def values(start: int, stop: int) -> list[Any]:
+        if flat is not None:  # already one list of values: a slice of it
+            return flat[start * width:stop * width]
+        return [*chain.from_iterable(rows[start:stop])]
+
     execute = cur.execute
     execute("SAVEPOINT chia_run_many")
     try:
@@ -407,10 +416,10 @@ def _run_as_multi_row(cur: sqlite3.Cursor, sql: str, rows: list[Any] | tuple[Any
         if whole:
             statement = _rows_statement(head, width, per)
             for start in range(0, whole, per):
-                execute(statement, [*chain.from_iterable(rows[start:start + per])])
+                execute(statement, values(start, start + per))
                 total += cur.rowcount
         if whole < len(rows):
-            execute(_rows_statement(head, width, len(rows) - whole), [*chain.from_iterable(rows[whole:])])
+            execute(_rows_statement(head, width, len(rows) - whole), values(whole, len(rows)))
             total += cur.rowcount
     except Exception:
         if not cur.connection.in_transaction:  # INSERT OR ROLLBACK, RAISE(ROLLBACK), a full disk

@@ -16,6 +16,7 @@ attributes; the node blocks (chia_prefect.base) implement that interface.
 
 from __future__ import annotations
 
+from chia_prefect._sql import FlatRows
 from chia_prefect.members.binding import (
     Batch,
     Kind,
@@ -31,6 +32,6 @@ from chia_prefect.members.binding import (
 from chia_prefect.members.host import MemberHost
 
 __all__ = [
-    "Batch", "Kind", "Member", "MemberHost", "MemberTask", "RowStream", "abstract_member", "member_logger", "on_ray_runner", "read",
+    "Batch", "FlatRows", "Kind", "Member", "MemberHost", "MemberTask", "RowStream", "abstract_member", "member_logger", "on_ray_runner", "read",
     "write",
 ]
