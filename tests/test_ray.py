@@ -143,19 +143,23 @@ def keyed_bulk_flow(db: DatabaseNode, n: int, key: str) -> dict:
     rows = [(i, f"name-{i}") for i in range(n)]
     from chia_prefect.members.binding import _flat_width
 
-    result = db.executemany("INSERT INTO bulk (id, name) VALUES (?, ?)", rows, idempotency_key=key)
+    result = db.executemany(db.render("INSERT INTO bulk (id, name) VALUES (?, ?)"), rows, idempotency_key=key)
     return {"flat": _flat_width(rows) == 2, "rowcount": result.rowcount}
 
 
-def test_a_keyed_flat_batch_has_the_digest_of_its_rows(sqlite_db):
+def test_a_keyed_flat_batch_has_the_digest_of_its_rows(any_db):
     """A large batch of tuples reaches the worker flat (`FlatRows`); a key's digest is taken
     over the same rows, so a key first used in-process is recognised on Ray."""
-    sqlite_db.init_schema("CREATE TABLE bulk (id INTEGER PRIMARY KEY, name TEXT)")
+    any_db.init_schema("CREATE TABLE bulk (id INTEGER PRIMARY KEY, name TEXT)")
     rows = [(i, f"name-{i}") for i in range(2_000)]
-    assert sqlite_db.executemany("INSERT INTO bulk (id, name) VALUES (?, ?)", rows,
-                                 idempotency_key="flat-key").rowcount == 2_000
-    assert keyed_bulk_flow(sqlite_db, 2_000, "flat-key") == {"flat": True, "rowcount": 2_000}
-    assert sqlite_db.query_value("SELECT COUNT(*) FROM bulk") == 2_000  # not written twice
+    assert any_db.executemany(any_db.render("INSERT INTO bulk (id, name) VALUES (?, ?)"), rows,
+                              idempotency_key="flat-key").rowcount == 2_000
+    assert keyed_bulk_flow(any_db, 2_000, "flat-key") == {"flat": True, "rowcount": 2_000}
+    assert any_db.query_value("SELECT COUNT(*) FROM bulk") == 2_000  # not written twice
+    any_db.execute("DELETE FROM bulk")
+    assert keyed_bulk_flow(any_db, 3_000, "flat-key-2") == {"flat": True, "rowcount": 3_000}  # a new key writes them
+    assert any_db.query("SELECT id, name FROM bulk WHERE id IN (0, 2999) ORDER BY id") == [
+        {"id": 0, "name": "name-0"}, {"id": 2999, "name": "name-2999"}]
 
 
 @flow
