@@ -271,3 +271,33 @@ def test_the_gate_actor_starts_without_importing_prefect():
         return sorted(name for name in sys.modules if name.split(".")[0] in ("prefect", "chia_prefect"))
 
     assert ray.get(driver_gate().__ray_call__.remote(loaded), timeout=60) == []
+
+
+def test_a_write_its_driver_abandoned_runs_nothing_and_its_answer_overlaps_the_unpacking(sqlite_db):
+    """A write's body asks the gate as it starts and waits for the answer once its batch is
+    unpacked: a write the driver abandoned raises before it touches the database; one it
+    did not runs."""
+    import uuid
+
+    import ray
+
+    from chia_prefect import SchedulingTimeoutError
+    from chia_prefect.members import remote
+    from chia_prefect.members.scheduling import driver_gate
+
+    sqlite_db.init_schema("CREATE TABLE bulk (id INTEGER PRIMARY KEY, name TEXT)")
+    gate = driver_gate()
+    body = ray.remote(remote._run_body).options(max_retries=0)
+    rows = [(i, f"name-{i}") for i in range(2_000)]
+
+    def call(run_id: str) -> tuple:
+        return (sqlite_db, "executemany", "write", run_id, "sqlite.executemany",
+                ("INSERT INTO bulk (id, name) VALUES (?, ?)", Batch(rows, flat=True)), {}, None)
+
+    given_up = uuid.uuid4().hex
+    assert ray.get(gate.abandon.remote(given_up, f"shape-{given_up}", 0.0), timeout=60) == "abandoned"
+    with pytest.raises(SchedulingTimeoutError, match="gave up waiting for this write .* nothing was executed"):
+        ray.get(body.remote(call(given_up)), timeout=60)
+    assert sqlite_db.query_value("SELECT COUNT(*) FROM bulk") == 0
+    assert ray.get(body.remote(call(uuid.uuid4().hex)), timeout=60).rowcount == 2_000
+    assert ray.get(gate.abandon.remote(given_up, f"shape-{given_up}", 0.0), timeout=60) == "abandoned"

@@ -340,20 +340,26 @@ class Member(Generic[P, R]):
         self.runner = _make_runner(self)
         self.runner.__signature__ = self.signature  # type: ignore[attr-defined]  # what Prefect binds
 
-    def run_body(self, node: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None) -> Any:
+    def run_body(self, node: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None,
+                 started: Callable[[], None] | None = None) -> Any:
         """The member's own work where it runs (`args` without the node): its boxed
-        arguments opened, and with an idempotency key (already resolved) run once for it."""
+        arguments opened, and with an idempotency key (already resolved) run once for it.
+        `started` (a write's answer from the gate, on Ray) is called once the arguments are
+        open and before the body runs; it raises if the write must not run."""
         if any(isinstance(v, Batch) and v.packed is not None for v in (*args, *kwargs.values())):
             # The collector is held off while the unpacked rows live (a 1M-row `executemany`
             # set off 84 ms of collections walking them); they are freed by their reference
             # counts when the body's frame ends, inside the block, so nothing is left to catch.
             with collector_held():
-                return self._run_unboxed(node, args, kwargs, key)
-        return self._run_unboxed(node, args, kwargs, key)
+                return self._run_unboxed(node, args, kwargs, key, started)
+        return self._run_unboxed(node, args, kwargs, key, started)
 
-    def _run_unboxed(self, node: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None) -> Any:
+    def _run_unboxed(self, node: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None,
+                     started: Callable[[], None] | None) -> Any:
         args = tuple(map(_unbox, args))
         kwargs = {k: _unbox(v) for k, v in kwargs.items()}
+        if started is not None:
+            started()
         if key is None:
             return _ship(self.fn(node, *args, **kwargs))
         # A keyed write records its arguments' digest first: a streamed batch is read whole.

@@ -271,16 +271,17 @@ def _worker_death_errors() -> tuple[type[BaseException], ...]:
 
 def _run_body(call: tuple[Any, ...]) -> Any:
     """On the Ray worker: the member's body, once. A write abandoned by the driver before
-    it started runs nothing (`announce_start`)."""
+    it started runs nothing (`announce_start`; its answer is awaited once the arguments are
+    unpacked)."""
     from chia_prefect.members.scheduling import announce_start
 
     node, name, kind, run_id, what, args, kwargs, key = call
-    announce_start(kind, run_id, what)
+    started = announce_start(kind, run_id, what)
     member = getattr(type(node), name)
     lines: list[tuple[int, str]] = []
     token = _BODY_LINES.set(lines)
     try:
-        value = member.run_body(node, args, kwargs, key)
+        value = member.run_body(node, args, kwargs, key, started)
     except Exception as exc:
         if lines:
             exc._chia_log_lines = lines  # type: ignore[attr-defined]

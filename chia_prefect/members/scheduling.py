@@ -6,9 +6,9 @@ Ray whether a queued task has started without the dashboard, so members tell a s
 actor of the driver's job, the *gate*, when they start:
 
 - a read announces itself and runs (fire and forget);
-- a write asks the gate first and waits for the answer: if the driver already gave up on
-  it, it runs nothing. So a write is either reported as not scheduled or it runs, never
-  both.
+- a write asks the gate as it starts and waits for the answer once its arguments are
+  unpacked, before its body runs: if the driver already gave up on it, it runs nothing. So
+  a write is either reported as not scheduled or it runs, never both.
 
 The driver waits for a member's result; once `schedule_timeout_s` has passed since the
 submit and the member has not started, it asks the gate to abandon it. The gate refuses
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from chia_prefect.errors import SchedulingTimeoutError
@@ -63,25 +64,33 @@ def driver_gate() -> Any:
         return gate
 
 
-def announce_start(kind: str, run_id: str, what: str) -> None:
-    """Called by a member's body as it starts on a Ray worker (`run_id` its task run); a
-    write abandoned by its driver raises here, before it touched anything."""
+def announce_start(kind: str, run_id: str, what: str) -> Callable[[], None] | None:
+    """Called by a member's body as it starts on a Ray worker (`run_id` its task run). A
+    read's notice is fire and forget. A write's question is sent here, and the answer is
+    awaited by the returned call, which raises if the driver abandoned the write: the body
+    makes it once its arguments are unpacked (pure work, which so overlaps the round trip)
+    and before anything else."""
     if not run_id:
-        return
+        return None
     gate = _worker_gate()
     if gate is None:
-        return
+        return None
     import ray
 
     shape = _shape_here()
     if kind != "write":
         gate.start.remote(run_id, shape)
-        return
-    if not ray.get(gate.start.remote(run_id, shape), timeout=60):
-        raise SchedulingTimeoutError(
-            f"{what}: the flow gave up waiting for this write to be scheduled "
-            "before it started; nothing was executed."
-        )
+        return None
+    answer = gate.start.remote(run_id, shape)
+
+    def confirm() -> None:
+        if not ray.get(answer, timeout=60):
+            raise SchedulingTimeoutError(
+                f"{what}: the flow gave up waiting for this write to be scheduled "
+                "before it started; nothing was executed."
+            )
+
+    return confirm
 
 
 def _worker_gate() -> Any:
