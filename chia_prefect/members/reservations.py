@@ -9,7 +9,8 @@ block loaded twice, a node per subflow) uses one group. Each use takes a *hold*:
 - outside any flow run, a hold for the node alone: released by `close()` or at exit.
 
 `close()` drops the node's holds at once. A group is removed when its last hold goes, after
-the members submitted into it have finished (bounded wait). Query tools spawned inside a
+the members submitted into it have finished and nothing else holds resources in it
+(bounded waits). Query tools spawned inside a
 flow run are stopped when it ends, the same way. Groups are named after the node, so
 `ray list placement-groups` shows whose they are.
 """
@@ -31,6 +32,8 @@ _LOCK = threading.RLock()
 _COUNTER = itertools.count(1)
 # How long a released group waits for members still running in it before it is removed.
 _INFLIGHT_GRACE_S = 30.0
+# Then how long it waits for anything else still holding resources in it (`_wait_until_idle`).
+_IDLE_GRACE_S = 5.0
 
 
 @dataclass
@@ -260,11 +263,31 @@ def _remove(reservation: Reservation) -> None:
     try:
         if reservation.inflight:
             ray.wait(reservation.inflight, num_returns=len(reservation.inflight), timeout=_INFLIGHT_GRACE_S)
+        _wait_until_idle(reservation.group, _IDLE_GRACE_S)
         remove_placement_group(reservation.group)
     except Exception:
         if ray.is_initialized():
             raise
         # The runner that started Ray shut it down meanwhile; the group went with it.
+
+
+def _wait_until_idle(group: Any, timeout: float) -> None:
+    """Wait, at most `timeout`, until nothing holds resources in `group`'s bundles. Ray may
+    still be starting a worker for a lease in a bundle after our members there finished (a
+    lease asked for ahead, a replay): removing the group then killed the raylet in CI
+    (Ray 2.60, "Check failed: ... ReturnBundle ... Bundle resources are still in use")."""
+    import time
+
+    import ray
+
+    suffix = f"_{group.id.hex()}"
+    deadline = time.monotonic() + timeout
+    while True:
+        total = {name: amount for name, amount in ray.cluster_resources().items() if name.endswith(suffix)}
+        free = ray.available_resources()
+        if all(free.get(name, 0.0) >= amount for name, amount in total.items()) or time.monotonic() >= deadline:
+            return
+        time.sleep(0.02)
 
 
 def _log_failure(what: str) -> None:
