@@ -226,6 +226,11 @@ class RemoteProbeNode(SQLiteNode):
 
         return {"collecting": gc.isenabled(), "rows": len(rows)}
 
+    @write
+    def exit_worker(self, *, connect_opts: dict | None = None) -> int:
+        """Ends the process it runs in: on Ray, its worker dies under the body."""
+        os._exit(1)
+
     @write(flat=("rows",))
     def flattened(self, rows: list, *, connect_opts: dict | None = None) -> dict:
         """What a flat batch reaches the body as, and its rows."""

@@ -165,11 +165,14 @@ def test_a_flat_batch_reaches_the_body_as_flat_rows_of_the_same_tuples(tmp_path,
     assert arrived(rows).value == rows
     moved = pickle.loads(pickle.dumps(arrived(rows)))  # passed on again: still flat
     assert moved.width == 4 and body.run_body(node, (moved,), {}, None)["rows"] == rows
+    pairs = [(i, f"p{i}") for i in range(n)]
     for shape in (rows[:FLAT_MIN_ROWS - 1], [list(r) for r in rows], rows + [(1, 2)], [{"a": 1}] * n,
-                  tuple(rows), [(datetime.date(2020, 1, 1), i) for i in range(n)]):
+                  tuple(rows), [(datetime.date(2020, 1, 1), i) for i in range(n)], [()] * n,
+                  [*pairs[:-1], Point(-1, "named")]):
         kept = arrived(shape)
         assert not kept.width and body.run_body(node, (kept,), {}, None) == {
             "type": type(shape).__name__, "len": len(shape), "rows": list(shape)}
+    assert type(arrived([*pairs[:-1], Point(-1, "named")]).value[-1]) is Point  # pickled: its type kept
 
     flat = FlatRows([1, "a", 2, "b", 3, "c"], 2)
     assert len(flat) == 3 and list(flat) == [(1, "a"), (2, "b"), (3, "c")]

@@ -68,6 +68,34 @@ def test_a_members_task_engine_runs_here_and_its_body_on_ray(sqlite_path):
 
 
 @flow(task_runner=FastRayTaskRunner())
+def members_whose_worker_dies(db: RemoteProbeNode) -> dict:
+    ctx = FlowRunContext.get()
+    assert ctx is not None and ctx.flow_run is not None
+    out: dict = {"flow_run_id": str(ctx.flow_run.id)}
+    try:
+        out["called"] = repr(db.exit_worker())
+    except Exception as exc:  # noqa: BLE001
+        out["called"] = type(exc).__name__
+    try:
+        out["submitted"] = repr(db.exit_worker.submit().result())
+    except Exception as exc:  # noqa: BLE001
+        out["submitted"] = type(exc).__name__
+    out["state"] = db.exit_worker(return_state=True).type.value
+    return out
+
+
+def test_a_member_whose_worker_dies_raises_when_called_as_when_submitted(sqlite_path):
+    """A call raises Ray's error as a future does (it returned the Crashed state as its
+    value), and the task run is Crashed either way."""
+    with RemoteProbeNode(db_path=sqlite_path) as db:
+        db.init_schema("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+        out = members_whose_worker_dies(db)
+    assert (out["called"], out["submitted"], out["state"]) == ("WorkerCrashedError", "WorkerCrashedError", "CRASHED")
+    runs = final_task_runs(out["flow_run_id"], count=3)
+    assert sorted(r.state_type.value for r in runs if r.name.startswith("sqlite.exit_worker")) == ["CRASHED"] * 3
+
+
+@flow(task_runner=FastRayTaskRunner())
 def futures_into_ray_tasks(db: RemoteProbeNode) -> list:
     value = db.query_value.submit("SELECT 41")
     inside = db.inside.submit("upstream")

@@ -260,6 +260,18 @@ def run_on_ray(route: Route, node: MemberHost, name: str, kind: str, args: tuple
     return outcome
 
 
+def crash_error(state: Any) -> BaseException:
+    """The error a Crashed state from `run_on_ray` carries (Ray's, e.g. `WorkerCrashedError`),
+    as a future's `result()` raises it; the task engine keeps it in a result record."""
+    from prefect.exceptions import CrashedRun
+
+    data = getattr(state, "data", None)
+    error = data if isinstance(data, BaseException) else getattr(data, "result", None)
+    if isinstance(error, BaseException):
+        return error
+    return CrashedRun(state.message or "The Ray worker running this member died.")
+
+
 def _worker_death_errors() -> tuple[type[BaseException], ...]:
     import ray.exceptions as errors
 
