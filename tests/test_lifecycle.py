@@ -167,13 +167,18 @@ def leave_a_task_in_the_group(db_path: str, seconds: float) -> ray.ObjectRef:
     assert held is not None
     strategy = PlacementGroupSchedulingStrategy(placement_group=held.group,
                                                 placement_group_bundle_index=held.bundle_index)
-    return ray.remote(_sleep_then).options(num_cpus=0.1, max_retries=0, scheduling_strategy=strategy).remote(seconds)
+    ref = ray.remote(_sleep_then).options(num_cpus=0.1, max_retries=0, scheduling_strategy=strategy).remote(seconds)
+    # Ray's resource view (what the release looks at) shows the task's CPU taken in the bundle.
+    cpu = f"CPU_group_{held.bundle_index}_{held.group.id.hex()}"
+    wait_until(lambda: ray.available_resources().get(cpu, 0.0) < ray.cluster_resources()[cpu], timeout=30,
+               what=lambda: f"the task's CPU taken in the bundle: {ray.available_resources().get(cpu)}")
+    return ref
 
 
 def test_a_group_is_removed_once_nothing_holds_resources_in_it(sqlite_path):
-    """A released group waits (up to 5 s) for whatever still holds resources in its bundles
-    (in CI, Ray 2.60's raylet died removing a group while it started a worker for a lease
-    there); with nothing in it, the wait is one look."""
+    """A released group waits (up to 5 s) while Ray's resource view shows something holding
+    resources in its bundles (in CI, Ray 2.60's raylet died removing a group 2 s after it
+    started a worker for a lease there); with nothing in it, the wait is one look."""
     ref = leave_a_task_in_the_group(sqlite_path, 1.5)
     assert ray.get(ref, timeout=30) == "finished"  # not killed with its group
     assert_nothing_reserved()

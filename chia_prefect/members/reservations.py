@@ -272,10 +272,12 @@ def _remove(reservation: Reservation) -> None:
 
 
 def _wait_until_idle(group: Any, timeout: float) -> None:
-    """Wait, at most `timeout`, until nothing holds resources in `group`'s bundles. Ray may
+    """Wait, at most `timeout`, until Ray's resource view shows nothing holding resources in
+    `group`'s bundles (the view trails the raylets by a report period, about 0.1 s). Ray may
     still be starting a worker for a lease in a bundle after our members there finished (a
-    lease asked for ahead, a replay): removing the group then killed the raylet in CI
-    (Ray 2.60, "Check failed: ... ReturnBundle ... Bundle resources are still in use")."""
+    lease asked for ahead, a replay): removing the group 2 s after such a start killed the
+    raylet in CI (Ray 2.60, "Check failed: ... ReturnBundle ... Bundle resources are still
+    in use")."""
     import time
 
     import ray
