@@ -168,10 +168,12 @@ def leave_a_task_in_the_group(db_path: str, seconds: float) -> ray.ObjectRef:
     strategy = PlacementGroupSchedulingStrategy(placement_group=held.group,
                                                 placement_group_bundle_index=held.bundle_index)
     ref = ray.remote(_sleep_then).options(num_cpus=0.1, max_retries=0, scheduling_strategy=strategy).remote(seconds)
-    # Ray's resource view (what the release looks at) shows the task's CPU taken in the bundle.
+    # Ray's resource view (what the release looks at, and which trails the raylets: the new
+    # bundle's keys may not be in it yet) shows the task's CPU taken in the bundle.
     cpu = f"CPU_group_{held.bundle_index}_{held.group.id.hex()}"
-    wait_until(lambda: ray.available_resources().get(cpu, 0.0) < ray.cluster_resources()[cpu], timeout=30,
-               what=lambda: f"the task's CPU taken in the bundle: {ray.available_resources().get(cpu)}")
+    wait_until(lambda: ray.available_resources().get(cpu, 0.0) < ray.cluster_resources().get(cpu, 0.0), timeout=30,
+               what=lambda: f"the task's CPU taken in the bundle: {ray.available_resources().get(cpu)} free of "
+                            f"{ray.cluster_resources().get(cpu)}")
     return ref
 
 
