@@ -101,6 +101,15 @@ def test_a_body_unpacks_a_marshalled_batch_with_the_collector_held_until_its_row
         gc.enable()
 
 
+def _sent(box: Batch, how: str) -> Batch:
+    """`box` as a worker receives it: pickled with protocol 4, or out of band as Ray sends it."""
+    if how == "protocol 4":
+        return pickle.loads(pickle.dumps(box, protocol=4))
+    buffers: list = []
+    payload = pickle.dumps(box, protocol=5, buffer_callback=buffers.append)
+    return pickle.loads(payload, buffers=buffers)
+
+
 @pytest.mark.parametrize("how", ["protocol 4", "out of band (as Ray sends it)"])
 def test_a_streamed_batch_reaches_the_body_in_chunks_read_once_in_order(tmp_path, how):
     """`write(stream=...)`: a large batch leaves marshalled in chunks of STREAM_CHUNK_ROWS and
@@ -112,11 +121,7 @@ def test_a_streamed_batch_reaches_the_body_in_chunks_read_once_in_order(tmp_path
     from chia_prefect.members.binding import STREAM_CHUNK_ROWS
 
     def arrived(value: list) -> Batch:
-        if how == "protocol 4":
-            return pickle.loads(pickle.dumps(Batch(value, stream=True), protocol=4))
-        buffers: list = []
-        payload = pickle.dumps(Batch(value, stream=True), protocol=5, buffer_callback=buffers.append)
-        return pickle.loads(payload, buffers=buffers)
+        return _sent(Batch(value, stream=True), how)
 
     node = RemoteProbeNode(db_path=str(tmp_path / "stream.db"))
     body = type(node).streamed
@@ -147,11 +152,7 @@ def test_a_flat_batch_reaches_the_body_as_flat_rows_of_the_same_tuples(tmp_path,
     from chia_prefect.members.binding import FLAT_MIN_ROWS
 
     def arrived(value: list) -> Batch:
-        if how == "protocol 4":
-            return pickle.loads(pickle.dumps(Batch(value, flat=True), protocol=4))
-        buffers: list = []
-        payload = pickle.dumps(Batch(value, flat=True), protocol=5, buffer_callback=buffers.append)
-        return pickle.loads(payload, buffers=buffers)
+        return _sent(Batch(value, flat=True), how)
 
     node = RemoteProbeNode(db_path=str(tmp_path / "flat.db"))
     body = type(node).flattened
