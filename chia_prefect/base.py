@@ -49,6 +49,7 @@ from chia_prefect.idempotency import WriteOutcome
 from chia_prefect.members import Member, abstract_member, read, reservations, write
 from chia_prefect.members.binding import dict_rows, exec_results
 from chia_prefect.members.placement import Placement, PlacementState, ray_options
+from chia_prefect.members.scheduling import before_commit
 
 # The catalog logos ship in the package (chia_prefect/static) and are served from the repository.
 LOGO_BASE_URL = "https://raw.githubusercontent.com/chia-prefect/chia-prefect/main/chia_prefect/static"
@@ -145,7 +146,7 @@ class DatabaseNode(Block, ABC):
         """A readable listing of the tables and indexes."""
         raise NotImplementedError
 
-    @write
+    @write(atomic_only=True)
     def execute(
         self, sql: str, params: tuple[Any, ...] | dict[str, Any] = (), *, connect_opts: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
@@ -157,7 +158,7 @@ class DatabaseNode(Block, ABC):
         with self.atomic(connect_opts) as cur:
             return self._run_one(cur, sql, params)
 
-    @write(flat=("seq_of_params",))
+    @write(flat=("seq_of_params",), atomic_only=True)
     def executemany(
         self, sql: str, seq_of_params: list[Any], *, connect_opts: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
@@ -169,7 +170,7 @@ class DatabaseNode(Block, ABC):
         with self.atomic(connect_opts) as cur:
             return self._run_many(cur, sql, seq_of_params)
 
-    @write(batch=("ops",))
+    @write(batch=("ops",), atomic_only=True)
     def transaction(
         self, ops: list[Any], *, connect_opts: dict[str, Any] | None = None, idempotency_key: str | None = None
     ) -> list[ExecResult]:
@@ -247,9 +248,10 @@ class DatabaseNode(Block, ABC):
         connection during COMMIT raises `CommitOutcomeUnknownError`. Inside a write given an
         idempotency key, the key's transaction: its cursor, committed with the key.
 
-        For the write members of a subclass:
+        For the write members of a subclass (`atomic_only`: its only effects are in
+        this block, so on Ray it need not wait for the gate's answer before it starts):
 
-            @write
+            @write(atomic_only=True)
             def add_entry(self, name: str, *, connect_opts=None) -> None:
                 with self.atomic(connect_opts) as cur:
                     cur.execute(self.render("INSERT INTO entry (name) VALUES (?)"), (name,))
@@ -257,7 +259,7 @@ class DatabaseNode(Block, ABC):
         keyed = idempotency.keyed_cursor(self)
         if keyed is not None:
             return nullcontext(keyed)
-        return self.engine_for(connect_opts).atomic()
+        return before_commit(self.engine_for(connect_opts).atomic())
 
     def connect(
         self, *, read_only: bool = False, connect_opts: dict[str, Any] | BaseModel | None = None

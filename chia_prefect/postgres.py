@@ -208,7 +208,7 @@ class PostgresNode(DatabaseNode):
             "ORDER BY schemaname, tablename, indexname", (names,), None, connect_opts)
         return _render_schema(columns, indexes)
 
-    @write(stream=("rows",))
+    @write(stream=("rows",), atomic_only=True)
     def copy_rows(
         self, table: str, columns: list[str] | tuple[str, ...], rows: list[Any], *,
         connect_opts: dict[str, Any] | None = None, idempotency_key: str | None = None,

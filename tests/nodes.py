@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from chia_prefect import PostgresNode, SQLiteNode, read, write
 
@@ -230,6 +231,20 @@ class RemoteProbeNode(SQLiteNode):
     def exit_worker(self, *, connect_opts: dict | None = None) -> int:
         """Ends the process it runs in: on Ray, its worker dies under the body."""
         os._exit(1)
+
+    @write(atomic_only=True)
+    def insert_noted(self, note: str, *, connect_opts: dict | None = None) -> int:
+        """Inserts a row into `bulk`; first writes "ran" to the file `note` (a test's window on
+        when the body runs: a member declared `atomic_only` must not do this)."""
+        Path(note).write_text("ran")
+        with self.atomic(connect_opts) as cur:
+            cur.execute("INSERT INTO bulk (name) VALUES ('noted')")
+            return cur.rowcount
+
+    @write
+    def touch(self, path: str, *, connect_opts: dict | None = None) -> None:
+        """Writes "touched" to the file `path`: an effect outside any transaction."""
+        Path(path).write_text("touched")
 
     @write(flat=("rows",))
     def flattened(self, rows: list, *, connect_opts: dict | None = None) -> dict:

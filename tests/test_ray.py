@@ -273,31 +273,55 @@ def test_the_gate_actor_starts_without_importing_prefect():
     assert ray.get(driver_gate().__ray_call__.remote(loaded), timeout=60) == []
 
 
-def test_a_write_its_driver_abandoned_runs_nothing_and_its_answer_overlaps_the_unpacking(sqlite_db):
-    """A write's body asks the gate as it starts and waits for the answer once its batch is
-    unpacked: a write the driver abandoned raises before it touches the database; one it
-    did not runs."""
+def test_a_write_its_driver_abandoned_commits_nothing_and_its_answer_overlaps_its_work(sqlite_db, tmp_path):
+    """A write's body asks the gate as it starts. An `atomic_only` write (execute,
+    executemany, transaction, copy_rows) runs its statements while the answer comes and
+    waits for it before COMMIT: given up on, it rolls back. Any other write waits before its
+    body starts: given up on, it runs nothing. One not given up on commits."""
     import uuid
 
     import ray
+    from nodes import RemoteProbeNode
 
     from chia_prefect import SchedulingTimeoutError
     from chia_prefect.members import remote
     from chia_prefect.members.scheduling import driver_gate
 
     sqlite_db.init_schema("CREATE TABLE bulk (id INTEGER PRIMARY KEY, name TEXT)")
+    probe = RemoteProbeNode(db_path=sqlite_db.db_path)
     gate = driver_gate()
     body = ray.remote(remote._run_body).options(max_retries=0)
     rows = [(i, f"name-{i}") for i in range(2_000)]
 
-    def call(run_id: str) -> tuple:
-        return (sqlite_db, "executemany", "write", run_id, "sqlite.executemany",
-                ("INSERT INTO bulk (id, name) VALUES (?, ?)", Batch(rows, flat=True)), {}, None)
+    def call(node: DatabaseNode, member: str, run_id: str, args: tuple, key: str | None = None) -> tuple:
+        return (node, member, "write", run_id, f"sqlite.{member}", args, {}, key)
 
-    given_up = uuid.uuid4().hex
-    assert ray.get(gate.abandon.remote(given_up, f"shape-{given_up}", 0.0), timeout=60) == "abandoned"
-    with pytest.raises(SchedulingTimeoutError, match="gave up waiting for this write .* nothing was executed"):
-        ray.get(body.remote(call(given_up)), timeout=60)
+    def given_up() -> str:
+        run_id = uuid.uuid4().hex
+        assert ray.get(gate.abandon.remote(run_id, f"shape-{run_id}", 0.0), timeout=60) == "abandoned"
+        return run_id
+
+    rolled_back = "gave up waiting for this write .* its transaction was rolled back; nothing was written"
+    many = ("INSERT INTO bulk (id, name) VALUES (?, ?)", Batch(rows, flat=True))
+    with pytest.raises(SchedulingTimeoutError, match=rolled_back):
+        ray.get(body.remote(call(sqlite_db, "executemany", given_up(), many)), timeout=60)
+    note = tmp_path / "note"
+    with pytest.raises(SchedulingTimeoutError, match=rolled_back):
+        ray.get(body.remote(call(probe, "insert_noted", given_up(), (str(note),))), timeout=60)
+    assert note.read_text() == "ran"  # its body ran while the answer came
+    key = f"given-up-{uuid.uuid4().hex}"
+    with pytest.raises(SchedulingTimeoutError, match=rolled_back):
+        ray.get(body.remote(call(sqlite_db, "execute", given_up(), ("INSERT INTO bulk (name) VALUES ('k')", ()), key)),
+                timeout=60)
     assert sqlite_db.query_value("SELECT COUNT(*) FROM bulk") == 0
-    assert ray.get(body.remote(call(uuid.uuid4().hex)), timeout=60).rowcount == 2_000
-    assert ray.get(gate.abandon.remote(given_up, f"shape-{given_up}", 0.0), timeout=60) == "abandoned"
+    assert sqlite_db.write_outcome(key).committed is False
+    touched = tmp_path / "touched"
+    with pytest.raises(SchedulingTimeoutError, match="gave up waiting for this write .*; nothing was executed"):
+        ray.get(body.remote(call(probe, "touch", given_up(), (str(touched),))), timeout=60)
+    assert not touched.exists()  # a write not declared atomic_only never started
+
+    assert ray.get(body.remote(call(sqlite_db, "executemany", uuid.uuid4().hex, many)), timeout=60).rowcount == 2_000
+    assert ray.get(body.remote(call(probe, "insert_noted", uuid.uuid4().hex, (str(note),))), timeout=60) == 1
+    ray.get(body.remote(call(probe, "touch", uuid.uuid4().hex, (str(touched),))), timeout=60)
+    assert touched.read_text() == "touched"
+    assert sqlite_db.query_value("SELECT COUNT(*) FROM bulk") == 2_001

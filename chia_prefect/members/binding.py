@@ -51,6 +51,7 @@ from chia_prefect.idempotency import AUTO, KEY_PARAMETER, auto_key, check_key
 from chia_prefect.members import remote
 from chia_prefect.members.limits import ensure_limit, member_slot
 from chia_prefect.members.limits import run_logger as member_run_logger
+from chia_prefect.members.scheduling import NOTHING_EXECUTED, answer_before_commit
 from chia_prefect.runner import member_client, result_leaves_pickled, unroute_events
 
 if TYPE_CHECKING:
@@ -329,10 +330,12 @@ class Member(Generic[P, R]):
     """
 
     def __init__(self, fn: Callable[Concatenate[Any, P], R], kind: Kind, batch: tuple[str, ...] = (),
-                 abstract: bool = False, stream: tuple[str, ...] = (), flat: tuple[str, ...] = ()):
+                 abstract: bool = False, stream: tuple[str, ...] = (), flat: tuple[str, ...] = (),
+                 atomic_only: bool = False):
         if kind not in ("read", "write"):
             raise ValueError(f"member kind must be 'read' or 'write', got {kind!r}")
         self.fn, self.kind, self.batch, self.stream, self.flat = fn, kind, (*batch, *stream, *flat), stream, flat
+        self.atomic_only = atomic_only
         self.name = fn.__name__
         self.signature = _with_key(inspect.signature(fn)) if kind == "write" else inspect.signature(fn)
         self.__doc__ = fn.__doc__
@@ -342,11 +345,12 @@ class Member(Generic[P, R]):
         self.runner.__signature__ = self.signature  # type: ignore[attr-defined]  # what Prefect binds
 
     def run_body(self, node: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None,
-                 started: Callable[[], None] | None = None) -> Any:
+                 started: Callable[[str], None] | None = None) -> Any:
         """The member's own work where it runs (`args` without the node): its boxed
         arguments opened, and with an idempotency key (already resolved) run once for it.
         `started` (a write's answer from the gate, on Ray) is called once the arguments are
-        open and before the body runs; it raises if the write must not run."""
+        open and before the body runs, or for an `atomic_only` write before its COMMIT; it
+        raises if the write must not run."""
         if any(isinstance(v, Batch) and v.packed is not None for v in (*args, *kwargs.values())):
             # The collector is held off while the unpacked rows live (a 1M-row `executemany`
             # set off 84 ms of collections walking them); they are freed by their reference
@@ -356,11 +360,18 @@ class Member(Generic[P, R]):
         return self._run_unboxed(node, args, kwargs, key, started)
 
     def _run_unboxed(self, node: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None,
-                     started: Callable[[], None] | None) -> Any:
+                     started: Callable[[str], None] | None) -> Any:
         args = tuple(map(_unbox, args))
         kwargs = {k: _unbox(v) for k, v in kwargs.items()}
-        if started is not None:
-            started()
+        if started is None:
+            return self._run_opened(node, args, kwargs, key)
+        if not self.atomic_only:
+            started(NOTHING_EXECUTED)
+            return self._run_opened(node, args, kwargs, key)
+        with answer_before_commit(started):
+            return self._run_opened(node, args, kwargs, key)
+
+    def _run_opened(self, node: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None) -> Any:
         if key is None:
             return _ship(self.fn(node, *args, **kwargs))
         # A keyed write records its arguments' digest first: a streamed batch is read whole.
@@ -449,10 +460,10 @@ def _resolve_key(key: object, member: str) -> str:
 
 
 def _declare(kind: Kind, fn: Callable[..., Any] | None, batch: tuple[str, ...], abstract: bool,
-             stream: tuple[str, ...] = (), flat: tuple[str, ...] = ()) -> Any:
+             stream: tuple[str, ...] = (), flat: tuple[str, ...] = (), atomic_only: bool = False) -> Any:
     if fn is None:
-        return lambda f: Member(f, kind, batch, abstract, stream, flat)
-    return Member(fn, kind, batch, abstract, stream, flat)
+        return lambda f: Member(f, kind, batch, abstract, stream, flat, atomic_only)
+    return Member(fn, kind, batch, abstract, stream, flat, atomic_only)
 
 
 @overload
@@ -473,18 +484,19 @@ def read(fn: Callable[..., Any] | None = None, *, batch: tuple[str, ...] = ()) -
 @overload
 def write(
     fn: Callable[Concatenate[Any, P], R], *, batch: tuple[str, ...] = (), stream: tuple[str, ...] = (),
-    flat: tuple[str, ...] = (),
+    flat: tuple[str, ...] = (), atomic_only: bool = False,
 ) -> Member[P, R]: ...
 
 
 @overload
 def write(
-    fn: None = None, *, batch: tuple[str, ...] = (), stream: tuple[str, ...] = (), flat: tuple[str, ...] = ()
+    fn: None = None, *, batch: tuple[str, ...] = (), stream: tuple[str, ...] = (), flat: tuple[str, ...] = (),
+    atomic_only: bool = False,
 ) -> Callable[[Callable[Concatenate[Any, P], R]], Member[P, R]]: ...
 
 
 def write(fn: Callable[..., Any] | None = None, *, batch: tuple[str, ...] = (), stream: tuple[str, ...] = (),
-          flat: tuple[str, ...] = ()) -> Any:
+          flat: tuple[str, ...] = (), atomic_only: bool = False) -> Any:
     """Declare a write member: never retried or replayed by Prefect or Ray, never cached.
 
     `batch` names parameters that may be large (rows, ops); they travel to the worker
@@ -496,8 +508,13 @@ def write(fn: Callable[..., Any] | None = None, *, batch: tuple[str, ...] = (), 
     list of 1,000 or more plain tuples of one width arrives as `FlatRows` (the same rows over one
     flat list of their values), cheaper to unpack and free (a keyed call, and a call in the
     caller's process, get the list).
+    `atomic_only` says the body changes nothing outside `self.atomic(...)` blocks (no
+    files, no other systems, no statements on a connection of its own): on a Ray worker it
+    then runs its statements while the answer to "did the flow give up on this write?" is
+    on its way, and waits for it just before COMMIT (a write given up on rolls back). Without
+    it, the body waits for the answer before it starts.
     """
-    return _declare("write", fn, batch, abstract=False, stream=stream, flat=flat)
+    return _declare("write", fn, batch, abstract=False, stream=stream, flat=flat, atomic_only=atomic_only)
 
 
 def abstract_member(

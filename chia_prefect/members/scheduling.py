@@ -7,8 +7,11 @@ actor of the driver's job, the *gate*, when they start:
 
 - a read announces itself and runs (fire and forget);
 - a write asks the gate as it starts and waits for the answer once its arguments are
-  unpacked, before its body runs: if the driver already gave up on it, it runs nothing. So
-  a write is either reported as not scheduled or it runs, never both.
+  unpacked, before its body runs: if the driver already gave up on it, it runs nothing. A
+  write declared `atomic_only` (its only effects are in `DatabaseNode.atomic`) runs its
+  statements meanwhile and waits just before its COMMIT: if the driver gave up on it, its
+  transaction is rolled back. So a write is either reported as not scheduled or it runs
+  (commits), never both.
 
 The driver waits for a member's result; once `schedule_timeout_s` has passed since the
 submit and the member has not started, it asks the gate to abandon it. The gate refuses
@@ -24,8 +27,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
+from typing import Any, TypeVar, cast
 
 from chia_prefect.errors import SchedulingTimeoutError
 from chia_prefect.members import _gate
@@ -64,12 +69,21 @@ def driver_gate() -> Any:
         return gate
 
 
-def announce_start(kind: str, run_id: str, what: str) -> Callable[[], None] | None:
+NOTHING_EXECUTED = "nothing was executed"
+ROLLED_BACK = "its transaction was rolled back; nothing was written"
+
+_Cursor = TypeVar("_Cursor")
+# A write's answer still to await before its first COMMIT, while an `atomic_only` body runs.
+_BEFORE_COMMIT: ContextVar[list[Callable[[str], None]] | None] = ContextVar("chia_gate_before_commit", default=None)
+
+
+def announce_start(kind: str, run_id: str, what: str) -> Callable[[str], None] | None:
     """Called by a member's body as it starts on a Ray worker (`run_id` its task run). A
     read's notice is fire and forget. A write's question is sent here, and the answer is
-    awaited by the returned call, which raises if the driver abandoned the write: the body
-    makes it once its arguments are unpacked (pure work, which so overlaps the round trip)
-    and before anything else."""
+    awaited by the returned call (given what was left undone, for its error), which raises
+    if the driver abandoned the write: the body makes it once its arguments are unpacked
+    (pure work, which so overlaps the round trip) and before anything else, or, for an
+    `atomic_only` write, just before its COMMIT (`answer_before_commit`)."""
     if not run_id:
         return None
     gate = _worker_gate()
@@ -83,14 +97,48 @@ def announce_start(kind: str, run_id: str, what: str) -> Callable[[], None] | No
         return None
     answer = gate.start.remote(run_id, shape)
 
-    def confirm() -> None:
+    def confirm(outcome: str) -> None:
         if not ray.get(answer, timeout=60):
             raise SchedulingTimeoutError(
                 f"{what}: the flow gave up waiting for this write to be scheduled "
-                "before it started; nothing was executed."
+                f"before it started; {outcome}."
             )
 
     return confirm
+
+
+@contextmanager
+def answer_before_commit(confirm: Callable[[str], None]) -> Iterator[None]:
+    """Around an `atomic_only` write's body: its gate answer (`confirm`) is awaited inside
+    its first transaction, just before the COMMIT (`before_commit`), so the round trip
+    overlaps the connect and the statements; a body that committed nothing awaits it as it
+    returns. A body that raises does not wait: it wrote nothing."""
+    pending = [confirm]
+    token = _BEFORE_COMMIT.set(pending)
+    try:
+        yield
+    finally:
+        _BEFORE_COMMIT.reset(token)
+    if pending:
+        pending.pop()(NOTHING_EXECUTED)
+
+
+def before_commit(transaction: AbstractContextManager[_Cursor]) -> AbstractContextManager[_Cursor]:
+    """`transaction` (an engine's `atomic()`), which awaits a pending gate answer after its
+    block and before it commits: raising there rolls it back. Itself when none is pending."""
+    pending = _BEFORE_COMMIT.get()
+    if not pending:
+        return transaction
+    return _answered_then_committed(transaction, pending)
+
+
+@contextmanager
+def _answered_then_committed(transaction: AbstractContextManager[_Cursor],
+                             pending: list[Callable[[str], None]]) -> Iterator[_Cursor]:
+    with transaction as cursor:
+        yield cursor
+        if pending:
+            pending.pop()(ROLLED_BACK)
 
 
 def _worker_gate() -> Any:
