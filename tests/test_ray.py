@@ -325,3 +325,40 @@ def test_a_write_its_driver_abandoned_commits_nothing_and_its_answer_overlaps_it
     ray.get(body.remote(call(probe, "touch", uuid.uuid4().hex, (str(touched),))), timeout=60)
     assert touched.read_text() == "touched"
     assert sqlite_db.query_value("SELECT COUNT(*) FROM bulk") == 2_001
+
+
+def test_a_postgres_write_its_driver_abandoned_rolls_back(postgres_db):
+    """On Postgres too, an abandoned `copy_rows` and a keyed `transaction` run their
+    statements while the gate's answer comes and roll back on it: no row, no recorded key."""
+    import uuid
+
+    import ray
+
+    from chia_prefect import SchedulingTimeoutError
+    from chia_prefect.members import remote
+    from chia_prefect.members.scheduling import driver_gate
+
+    table = f"abandoned_{uuid.uuid4().hex[:8]}"
+    postgres_db.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, name TEXT)")
+    gate = driver_gate()
+    body = ray.remote(remote._run_body).options(max_retries=0)
+
+    def given_up() -> str:
+        run_id = uuid.uuid4().hex
+        assert ray.get(gate.abandon.remote(run_id, f"shape-{run_id}", 0.0), timeout=60) == "abandoned"
+        return run_id
+
+    rows = [(i, f"name-{i}") for i in range(20_000)]  # streamed: over 10,000 rows
+    copy = (table, ["id", "name"], Batch(rows, stream=True))
+    with pytest.raises(SchedulingTimeoutError, match="its transaction was rolled back; nothing was written"):
+        ray.get(body.remote((postgres_db, "copy_rows", "write", given_up(), "postgres.copy_rows", copy, {}, None)),
+                timeout=60)
+    key = f"given-up-{uuid.uuid4().hex}"
+    ops = (Batch([(f"INSERT INTO {table} (id, name) VALUES (%s, %s)", (-i, "op")) for i in range(1, 4)]),)
+    with pytest.raises(SchedulingTimeoutError, match="its transaction was rolled back; nothing was written"):
+        ray.get(body.remote((postgres_db, "transaction", "write", given_up(), "postgres.transaction", ops, {}, key)),
+                timeout=60)
+    assert postgres_db.query_value(f"SELECT COUNT(*) FROM {table}") == 0
+    assert postgres_db.write_outcome(key).committed is False
+    done = (postgres_db, "copy_rows", "write", uuid.uuid4().hex, "postgres.copy_rows", copy, {}, None)
+    assert ray.get(body.remote(done), timeout=60).rowcount == 20_000
