@@ -53,7 +53,8 @@ class PlacementError(ConfigurationError):
 class SchedulingTimeoutError(PlacementError):
     """Ray could not schedule a member, a placement group or a query tool within the
     node's timeout. The message says what was asked for, what the cluster has free and
-    which placement groups hold the rest; nothing was executed."""
+    which placement groups hold the rest; nothing was executed, or, for a write that started
+    its statements while it waited to hear it was given up on, all of them rolled back."""
 
 
 class NetworkFilesystemError(ConfigurationError):
