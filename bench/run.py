@@ -173,8 +173,8 @@ def bench_sqlite_ingest(work: Path, sizes: dict[str, int], repeat: int) -> dict[
     out: dict[str, Any] = {}
     flow = bf.sqlite_ingest.with_options(task_runner=FastRayTaskRunner())
     for label, n in sizes.items():
-        # Interleaved rounds in one flow run (raw, then the member): 7 for 100k rows, 3 for 1M.
-        rounds = 2 * repeat + 1 if n <= 200_000 else repeat
+        # Interleaved rounds in one flow run (raw, then the member): 15 for 100k rows, 3 for 1M.
+        rounds = 4 * repeat + 3 if n <= 200_000 else repeat
         timed = flow(str(work), label, n, rounds)
         sampler = None
         if n >= 1_000_000:  # one more run for memory: the sampler's polling would slow a timed one
