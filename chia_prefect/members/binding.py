@@ -363,13 +363,12 @@ class Member(Generic[P, R]):
                      started: Callable[[str], None] | None) -> Any:
         args = tuple(map(_unbox, args))
         kwargs = {k: _unbox(v) for k, v in kwargs.items()}
-        if started is None:
-            return self._run_opened(node, args, kwargs, key)
-        if not self.atomic_only:
+        if started is not None and self.atomic_only:
+            with answer_before_commit(started):
+                return self._run_opened(node, args, kwargs, key)
+        if started is not None:
             started(NOTHING_EXECUTED)
-            return self._run_opened(node, args, kwargs, key)
-        with answer_before_commit(started):
-            return self._run_opened(node, args, kwargs, key)
+        return self._run_opened(node, args, kwargs, key)
 
     def _run_opened(self, node: Any, args: tuple[Any, ...], kwargs: dict[str, Any], key: str | None) -> Any:
         if key is None:
