@@ -273,6 +273,22 @@ def test_the_gate_actor_starts_without_importing_prefect():
     assert ray.get(driver_gate().__ray_call__.remote(loaded), timeout=60) == []
 
 
+def _given_up(gate) -> str:
+    """A new task run id the gate has abandoned (as the driver does after the timeout)."""
+    import uuid
+
+    import ray
+
+    run_id = uuid.uuid4().hex
+    assert ray.get(gate.abandon.remote(run_id, f"shape-{run_id}", 0.0), timeout=60) == "abandoned"
+    return run_id
+
+
+def _body_call(node: DatabaseNode, member: str, run_id: str, args: tuple, key: str | None = None) -> tuple:
+    """What `remote._run_body` takes for a write member of `node` in task run `run_id`."""
+    return (node, member, "write", run_id, f"{node.engine}.{member}", args, {}, key)
+
+
 def test_a_write_its_driver_abandoned_commits_nothing_and_its_answer_overlaps_its_work(sqlite_db, tmp_path):
     """A write's body asks the gate as it starts. An `atomic_only` write (execute,
     executemany, transaction, copy_rows) runs its statements while the answer comes and
@@ -293,36 +309,28 @@ def test_a_write_its_driver_abandoned_commits_nothing_and_its_answer_overlaps_it
     body = ray.remote(remote._run_body).options(max_retries=0)
     rows = [(i, f"name-{i}") for i in range(2_000)]
 
-    def call(node: DatabaseNode, member: str, run_id: str, args: tuple, key: str | None = None) -> tuple:
-        return (node, member, "write", run_id, f"sqlite.{member}", args, {}, key)
-
-    def given_up() -> str:
-        run_id = uuid.uuid4().hex
-        assert ray.get(gate.abandon.remote(run_id, f"shape-{run_id}", 0.0), timeout=60) == "abandoned"
-        return run_id
-
     rolled_back = "gave up waiting for this write .* its transaction was rolled back; nothing was written"
     many = ("INSERT INTO bulk (id, name) VALUES (?, ?)", Batch(rows, flat=True))
     with pytest.raises(SchedulingTimeoutError, match=rolled_back):
-        ray.get(body.remote(call(sqlite_db, "executemany", given_up(), many)), timeout=60)
+        ray.get(body.remote(_body_call(sqlite_db, "executemany", _given_up(gate), many)), timeout=60)
     note = tmp_path / "note"
     with pytest.raises(SchedulingTimeoutError, match=rolled_back):
-        ray.get(body.remote(call(probe, "insert_noted", given_up(), (str(note),))), timeout=60)
+        ray.get(body.remote(_body_call(probe, "insert_noted", _given_up(gate), (str(note),))), timeout=60)
     assert note.read_text() == "ran"  # its body ran while the answer came
     key = f"given-up-{uuid.uuid4().hex}"
     with pytest.raises(SchedulingTimeoutError, match=rolled_back):
-        ray.get(body.remote(call(sqlite_db, "execute", given_up(), ("INSERT INTO bulk (name) VALUES ('k')", ()), key)),
-                timeout=60)
+        keyed = _body_call(sqlite_db, "execute", _given_up(gate), ("INSERT INTO bulk (name) VALUES ('k')", ()), key)
+        ray.get(body.remote(keyed), timeout=60)
     assert sqlite_db.query_value("SELECT COUNT(*) FROM bulk") == 0
     assert sqlite_db.write_outcome(key).committed is False
     touched = tmp_path / "touched"
     with pytest.raises(SchedulingTimeoutError, match="gave up waiting for this write .*; nothing was executed"):
-        ray.get(body.remote(call(probe, "touch", given_up(), (str(touched),))), timeout=60)
+        ray.get(body.remote(_body_call(probe, "touch", _given_up(gate), (str(touched),))), timeout=60)
     assert not touched.exists()  # a write not declared atomic_only never started
 
-    assert ray.get(body.remote(call(sqlite_db, "executemany", uuid.uuid4().hex, many)), timeout=60).rowcount == 2_000
-    assert ray.get(body.remote(call(probe, "insert_noted", uuid.uuid4().hex, (str(note),))), timeout=60) == 1
-    ray.get(body.remote(call(probe, "touch", uuid.uuid4().hex, (str(touched),))), timeout=60)
+    assert ray.get(body.remote(_body_call(sqlite_db, "executemany", uuid.uuid4().hex, many)), timeout=60).rowcount == 2_000
+    assert ray.get(body.remote(_body_call(probe, "insert_noted", uuid.uuid4().hex, (str(note),))), timeout=60) == 1
+    ray.get(body.remote(_body_call(probe, "touch", uuid.uuid4().hex, (str(touched),))), timeout=60)
     assert touched.read_text() == "touched"
     assert sqlite_db.query_value("SELECT COUNT(*) FROM bulk") == 2_001
 
@@ -343,22 +351,15 @@ def test_a_postgres_write_its_driver_abandoned_rolls_back(postgres_db):
     gate = driver_gate()
     body = ray.remote(remote._run_body).options(max_retries=0)
 
-    def given_up() -> str:
-        run_id = uuid.uuid4().hex
-        assert ray.get(gate.abandon.remote(run_id, f"shape-{run_id}", 0.0), timeout=60) == "abandoned"
-        return run_id
-
     rows = [(i, f"name-{i}") for i in range(20_000)]  # streamed: over 10,000 rows
     copy = (table, ["id", "name"], Batch(rows, stream=True))
     with pytest.raises(SchedulingTimeoutError, match="its transaction was rolled back; nothing was written"):
-        ray.get(body.remote((postgres_db, "copy_rows", "write", given_up(), "postgres.copy_rows", copy, {}, None)),
-                timeout=60)
+        ray.get(body.remote(_body_call(postgres_db, "copy_rows", _given_up(gate), copy)), timeout=60)
     key = f"given-up-{uuid.uuid4().hex}"
     ops = (Batch([(f"INSERT INTO {table} (id, name) VALUES (%s, %s)", (-i, "op")) for i in range(1, 4)]),)
     with pytest.raises(SchedulingTimeoutError, match="its transaction was rolled back; nothing was written"):
-        ray.get(body.remote((postgres_db, "transaction", "write", given_up(), "postgres.transaction", ops, {}, key)),
-                timeout=60)
+        ray.get(body.remote(_body_call(postgres_db, "transaction", _given_up(gate), ops, key)), timeout=60)
     assert postgres_db.query_value(f"SELECT COUNT(*) FROM {table}") == 0
     assert postgres_db.write_outcome(key).committed is False
-    done = (postgres_db, "copy_rows", "write", uuid.uuid4().hex, "postgres.copy_rows", copy, {}, None)
+    done = _body_call(postgres_db, "copy_rows", uuid.uuid4().hex, copy)
     assert ray.get(body.remote(done), timeout=60).rowcount == 20_000
