@@ -212,6 +212,20 @@ def test_postgres_read_cannot_turn_off_read_only(postgres_db):
     assert rows(postgres_db) == []
 
 
+def test_postgres_runs_one_statement_with_or_without_parameters(postgres_db):
+    make_table(postgres_db)
+    second = "; DELETE FROM items"
+    with pytest.raises(Exception, match="multiple commands"):
+        postgres_db.execute("INSERT INTO items (name, qty) VALUES (%s, %s)" + second, ("x", 1))
+    with pytest.raises(Exception, match="multiple commands"):
+        postgres_db.execute("INSERT INTO items (name, qty) VALUES ('y', 2)" + second)
+    with pytest.raises(Exception, match="multiple commands"):
+        postgres_db.transaction([("INSERT INTO items (name, qty) VALUES (%s, %s)" + second, ("z", 3))])
+    with pytest.raises(Exception, match="multiple commands"):
+        postgres_db.query("SELECT name FROM items WHERE qty = %s; SELECT 1", (1,))
+    assert rows(postgres_db) == []
+
+
 def test_add_column_if_missing_true_then_false(any_db):
     make_table(any_db)
     assert any_db.add_column_if_missing("items", "base_rev", "TEXT") is True

@@ -330,15 +330,14 @@ class PostgresEngine:
         with self.connect(read_only=True) as conn:
             cur = conn.cursor()
             if limit is None:
-                cur.execute(sql, params or None, prepare=True)
+                cur.execute(sql, params or None, prepare=one_statement(params))
                 return fetch_table(cur)
             return _stream_table(cur, sql, params or None, limit)
 
     @staticmethod
     def run_one(cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
         """One statement on `cur`: rowcount and the rows it returns (`RETURNING`)."""
-        # prepare=True: extended protocol, so the server refuses a second statement.
-        cur.execute(sql, params or None, prepare=True)
+        cur.execute(sql, params or None, prepare=one_statement(params))
         rows = fetch_dicts(cur) if cur.description else None
         return exec_result(cur.rowcount, None, rows)
 
@@ -371,6 +370,14 @@ class PostgresEngine:
             for count, row in enumerate(rows, 1):  # noqa: B007  # the count is the result
                 write_row(row)
         return count
+
+
+def one_statement(params: Any) -> bool | None:
+    """`prepare=` for psycopg's `execute` so that the server refuses a second statement in
+    the SQL: only the extended protocol does. With parameters psycopg uses it anyway (one
+    round trip); without, it would send a simple query, and preparing first makes it
+    extended at the cost of a second round trip (Parse, then the execution)."""
+    return None if params else True
 
 
 def _no_log(message: str) -> None:
