@@ -317,6 +317,11 @@ class DatabaseNode(Block, ABC):
     def _run_one(self, cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
         """Run one statement on `cur`; its result."""
 
+    def _run_last(self, cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any]) -> None:
+        """Run the last statement of an `atomic()` transaction, its result unread (engine
+        hook: Postgres sends it with the COMMIT)."""
+        cur.execute(sql, params)
+
     # Run `sql` once per parameter set on `cur` (engine hook); a function, not a method.
     _run_many = staticmethod(run_many)
 

@@ -35,7 +35,7 @@ from chia_prefect.errors import (
     InvalidOperationError,
 )
 
-# A `DatabaseNode` (this module sits below it): its `atomic()`, `_run_one`, `_fetch`,
+# A `DatabaseNode` (this module sits below it): its `atomic()`, `_run_one`, `_run_last`, `_fetch`,
 # `render()`, `dialect`, `engine`, `label` and `limit_identity()` are what is used.
 DatabaseNode = Any
 
@@ -166,7 +166,7 @@ def _run_once(node: DatabaseNode, member: str, key: str, fingerprint: str, call:
                 f"{node.label}: {member} with idempotency key {key!r} returned a {type(result).__name__}, "
                 f"which cannot be recorded ({exc}); the write was rolled back. Return picklable values."
             ) from None
-        cur.execute(render(f"UPDATE {TABLE} SET result = ? WHERE key = ?"), (payload, key))
+        node._run_last(cur, render(f"UPDATE {TABLE} SET result = ? WHERE key = ?"), (payload, key))
     return result
 
 

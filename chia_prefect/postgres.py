@@ -142,6 +142,9 @@ class PostgresNode(DatabaseNode):
     def _run_one(self, cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
         return PostgresEngine.run_one(cur, sql, params)
 
+    def _run_last(self, cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any]) -> None:
+        PostgresEngine.run_last(cur, sql, params)
+
     def _run_script(self, script: str, connect_opts: dict[str, Any] | None) -> None:
         self.engine_for(connect_opts).run_script(script)
 

@@ -240,6 +240,29 @@ def test_a_lost_commit_of_a_keyed_write_is_answerable(postgres_dsn):
     assert db.write_outcome("invoice-9").result == result and names(db) == ["first", "maybe"]
 
 
+def test_a_keyed_write_whose_result_cannot_be_recorded_commits_nothing(postgres_dsn):
+    """On Postgres the result's UPDATE goes to the server with the COMMIT: its error comes
+    back with the COMMIT's answer, and the write, the key and the result roll back together."""
+    from chia_prefect import PostgresNode
+
+    db = PostgresNode(dsn=postgres_dsn)
+    db.init_schema(ENTRY["postgres"])
+    ins = "INSERT INTO entry (name) VALUES (%s) RETURNING id"
+    db.execute(ins, ("first",), idempotency_key="first")  # the key table exists
+    db.init_schema(
+        "CREATE FUNCTION refuse_result() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'result refused for %', NEW.key; END $$;"
+        f"CREATE TRIGGER refuse_result BEFORE UPDATE ON {TABLE} FOR EACH ROW EXECUTE FUNCTION refuse_result();"
+    )
+    with pytest.raises(Exception, match="result refused for invoice-10"):
+        db.execute(ins, ("refused",), idempotency_key="invoice-10")
+    assert names(db) == ["first"] and db.write_outcome("invoice-10").committed is False
+    db.init_schema(f"DROP TRIGGER refuse_result ON {TABLE}")
+    result = db.execute(ins, ("second",), idempotency_key="invoice-10")
+    assert db.execute(ins, ("second",), idempotency_key="invoice-10") == result
+    assert names(db) == ["first", "second"] and db.write_outcome("invoice-10").result == result
+
+
 def test_a_keyed_write_recreates_a_dropped_key_table(sqlite_path):
     db = SQLiteNode(db_path=sqlite_path)
     db.init_schema(ENTRY["sqlite"])

@@ -15,7 +15,8 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -279,12 +280,18 @@ class PostgresEngine:
     @contextmanager
     def atomic(self) -> Iterator[Any]:
         """One transaction; a connection lost before COMMIT was sent means nothing applied,
-        one lost while COMMIT was in flight raises `CommitOutcomeUnknownError`."""
+        one lost while COMMIT was in flight raises `CommitOutcomeUnknownError`. A statement
+        run by `run_last` goes to the server with the COMMIT."""
         committing = False
         try:
-            with self.connect() as conn, conn.transaction():
-                yield conn.cursor()
-                committing = True  # leaving the block sends COMMIT
+            with self.connect() as conn, ExitStack() as after_commit:
+                token = _LAST.set((conn, after_commit))
+                try:
+                    with conn.transaction():
+                        yield conn.cursor()
+                        committing = True  # leaving the block sends COMMIT (or queues it after run_last's statement)
+                finally:
+                    _LAST.reset(token)
         except ConnectionLostError as exc:
             if not committing:
                 raise
@@ -335,6 +342,19 @@ class PostgresEngine:
             return _stream_table(cur, sql, params or None, limit)
 
     @staticmethod
+    def run_last(cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any]) -> None:
+        """The last statement of `atomic()`'s transaction on `cur`, whose result nobody reads:
+        sent in pipeline mode, so that it and the COMMIT cost one round trip to the server,
+        not two (a keyed write's recorded result, 0.3-0.5 ms of a 15 ms member). Its error,
+        if any, is raised as the transaction ends, and nothing is committed."""
+        import psycopg
+
+        last = _LAST.get()
+        if last is not None and last[0] is cur.connection and psycopg.Pipeline.is_supported():
+            last[1].enter_context(cur.connection.pipeline())  # left after the COMMIT is queued
+        cur.execute(sql, params)
+
+    @staticmethod
     def run_one(cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
         """One statement on `cur`: rowcount and the rows it returns (`RETURNING`)."""
         cur.execute(sql, params or None, prepare=one_statement(params))
@@ -370,6 +390,10 @@ class PostgresEngine:
             for count, row in enumerate(rows, 1):  # noqa: B007  # the count is the result
                 write_row(row)
         return count
+
+
+# While `atomic()`'s transaction is open: its connection, and what closes after its COMMIT.
+_LAST: ContextVar[tuple[Any, ExitStack] | None] = ContextVar("chia_postgres_atomic", default=None)
 
 
 def one_statement(params: Any) -> bool | None:
