@@ -142,8 +142,7 @@ class PostgresNode(DatabaseNode):
     def _run_one(self, cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any] | None) -> ExecResult:
         return PostgresEngine.run_one(cur, sql, params)
 
-    def _run_last(self, cur: Any, sql: str, params: tuple[Any, ...] | dict[str, Any]) -> None:
-        PostgresEngine.run_last(cur, sql, params)
+    _run_last = staticmethod(PostgresEngine.run_last)
 
     def _run_script(self, script: str, connect_opts: dict[str, Any] | None) -> None:
         self.engine_for(connect_opts).run_script(script)

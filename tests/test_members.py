@@ -223,6 +223,10 @@ def test_postgres_runs_one_statement_with_or_without_parameters(postgres_db):
         postgres_db.transaction([("INSERT INTO items (name, qty) VALUES (%s, %s)" + second, ("z", 3))])
     with pytest.raises(Exception, match="multiple commands"):
         postgres_db.query("SELECT name FROM items WHERE qty = %s; SELECT 1", (1,))
+    for params in ((1,), ()):
+        with pytest.raises(Exception, match="multiple commands"):
+            postgres_db.query("SELECT name FROM items WHERE qty > 0; SELECT %s" if params else "SELECT 1; SELECT 2",
+                              params, limit=0)
     assert rows(postgres_db) == []
 
 

@@ -426,7 +426,7 @@ def check_paramstyle(sql: object, params: object, where: str) -> None:
 def _stream_table(cur: Any, sql: str, params: Any, limit: int) -> RowTable:
     """At most `limit` rows, fetched in chunks; the rest never leaves the server."""
     if limit == 0:
-        cur.execute(sql, params, prepare=True)
+        cur.execute(sql, params, prepare=one_statement(params))
         return RowTable([c.name for c in cur.description] if cur.description else [], [])
     rows = []
     stream = cur.stream(sql, params, size=min(limit, 1000))
